@@ -1,0 +1,168 @@
+"""`deferredseg train`: train on one site, or several pooled, and report test-split numbers."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from cli.report import format_site_table
+from client.engine import PatchSampler, evaluate_cases, expert_priority, select_device, train_epochs
+from client.sitedata import SiteData, open_site, pool_cases
+from common.config import TrainSettings, to_plain
+from common.losses import LossWeights
+from common.model import DeferredSegNet, NetworkConfig
+
+logger = logging.getLogger(__name__)
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``deferredseg train``."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train on one site or several pooled, and report test-split numbers",
+        description=(
+            "Train a DeferredSeg network on one site, or on several sites pooled into one model. The checkpoint "
+            "is chosen on the validation split; the test split is scored once, at the end. With no --site, "
+            "a built-in synthetic site is generated and used."
+        ),
+    )
+    parser.add_argument("--site", action="append", type=Path, default=[], help="site folder (repeat to pool sites)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/train-<time>)")
+    parser.add_argument("--backbone", default="unet", choices=["unet", "basicunet"], help="MONAI backbone")
+    parser.add_argument("--epochs", type=int, default=TrainSettings.epochs, help="training epochs")
+    parser.add_argument("--steps-per-epoch", type=int, default=TrainSettings.steps_per_epoch, help="steps per epoch")
+    parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size, help="patches per step")
+    parser.add_argument("--patch-size", type=int, default=TrainSettings.patch_size, help="patch side, in pixels")
+    parser.add_argument("--learning-rate", type=float, default=TrainSettings.learning_rate, help="Adam learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="seed of initialization and sampling")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
+    parser.add_argument(
+        "--load-balancing",
+        type=float,
+        default=0.0,
+        help="weight of the soft load-balancing term with upper bounds at capacity (default 0: off)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Handle ``deferredseg train``."""
+    settings = TrainSettings(
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        batch_size=args.batch_size,
+        patch_size=args.patch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        device=args.device,
+    )
+    out_dir = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+    weights = LossWeights(load_balancing=args.load_balancing)
+
+    with tempfile.TemporaryDirectory(prefix="deferredseg-synthetic-") as scratch:
+        site_dirs = list(args.site)
+        if not site_dirs:
+            from common.synthetic import write_synthetic_sites
+
+            site_dirs = write_synthetic_sites(Path(scratch), n_sites=1, seed=args.seed)
+            print(f"No --site given: training on the built-in synthetic site (seed {args.seed}).")
+
+        sites = [open_site(d) for d in site_dirs]
+        summary = train_sites(
+            sites, out_dir, settings, NetworkConfig(backbone=args.backbone, in_channels=sites[0].spec.in_channels),
+            weights, progress=not args.no_progress,
+        )
+
+    print(format_site_table(summary["sites"]))
+    print(f"\nsummary: {out_dir / 'summary.json'}")
+    return 0
+
+
+def train_sites(
+    sites: Sequence[SiteData],
+    out_dir: Path,
+    settings: TrainSettings,
+    network: NetworkConfig,
+    weights: LossWeights,
+    progress: bool = True,
+) -> dict:
+    """Train one network on the pooled train splits of ``sites``; write and return ``summary.json``.
+
+    Each site's experts take their own routing channels. After every epoch the network is scored on the
+    validation splits, and the epoch with the best mean validation system Dice is kept. Only that network
+    is scored on the test splits.
+    """
+    in_channels = {s.spec.in_channels for s in sites}
+    if len(in_channels) != 1:
+        raise ValueError(
+            f"sites have different in-channels {sorted(in_channels)}; in-channels is one setting for all pooled "
+            "sites, so convert the images of the odd site"
+        )
+
+    torch.manual_seed(settings.seed)
+    device = select_device(settings.device)
+    counts = [len(s.experts) for s in sites]
+    offsets = [sum(counts[:i]) for i in range(len(sites))]
+    model = DeferredSegNet(network, num_experts=sum(counts)).to(device)
+
+    train_cases = pool_cases([s.split("train") for s in sites], counts)
+    sampler = PatchSampler(train_cases, settings.patch_size, settings.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    priorities = [expert_priority(s.split("validation"), len(s.experts)) for s in sites]
+
+    def validate() -> float:
+        scores = []
+        for site, offset, priority in zip(sites, offsets, priorities):
+            channels = list(range(offset, offset + len(site.experts)))
+            result, _ = evaluate_cases(
+                model, site.split("validation"), site.expert_ids, site.capacity, settings, device, priority,
+                channels=channels,
+            )
+            scores.append(result["system_dice"])
+        return sum(scores) / len(scores)
+
+    best_score, best_state, best_epoch = -1.0, None, -1
+    bar = tqdm(range(settings.epochs), desc="train", unit="epoch", disable=not progress)
+    for epoch in bar:
+        losses = train_epochs(model, sampler, settings, weights, 1, device, optimizer=optimizer)
+        score = validate()
+        if score > best_score:
+            best_score, best_state, best_epoch = score, copy.deepcopy(model.state_dict()), epoch
+        bar.set_postfix(loss=f"{sum(losses.values()):.3f}", val_system_dice=f"{score:.3f}", best=best_epoch + 1)
+        logger.info("epoch %d: losses %s, validation system Dice %.4f", epoch + 1, losses, score)
+
+    model.load_state_dict(best_state)
+    site_results = {}
+    for site, offset, priority in zip(sites, offsets, priorities):
+        channels = list(range(offset, offset + len(site.experts)))
+        result, _ = evaluate_cases(
+            model, site.split("test"), site.expert_ids, site.capacity, settings, device, priority, channels=channels
+        )
+        site_results[site.site_id] = result
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
+    summary = {
+        "sites": site_results,
+        "checkpoint": {"epoch": best_epoch + 1, "validation_system_dice": best_score},
+        "config": {
+            "network": to_plain(network),
+            "train": to_plain(settings),
+            "loss": to_plain(weights),
+            "sites": [str(s.spec.root) for s in sites],
+            "experts": {s.site_id: s.expert_ids for s in sites},
+        },
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary

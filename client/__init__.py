@@ -1,0 +1,1 @@
+"""Site side of the federation: the Flower ClientApp and local training and evaluation."""

@@ -1,0 +1,272 @@
+"""Local training and evaluation of a DeferredSeg network on one site's cases (or several sites pooled)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.transforms import Compose, FgBgToIndicesd, RandCropByPosNegLabeld, RandFlipd, RandRotate90d, SpatialPadd
+
+from common.config import TrainSettings
+from common.losses import LossWeights, deferredseg_loss
+from common.metrics import ImageEvaluation, evaluate_image, expert_accuracy, summarize
+from common.model import DeferredSegNet
+from common.routing import assign_with_capacity, softmax_scores
+from common.site import Case
+
+logger = logging.getLogger(__name__)
+
+_SPATIAL_KEYS = ["image", "reference", "roi", "experts"]
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """Pick CUDA when present (or requested), the CPU otherwise."""
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda was requested but no CUDA device is available; use device = \"auto\"")
+    if preference == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+class PatchSampler:
+    """Random training patches from a list of cases, half centred on foreground and half on background.
+
+    MONAI's ``RandCropByPosNegLabeld`` picks the centres, with foreground and background indices computed
+    once per case, then random flips and 90-degree rotations augment each patch.
+
+    Args:
+        cases: training cases; their expert masks must all have K channels.
+        patch_size: side of the square patches, in pixels.
+        seed: seed of the sampling.
+    """
+
+    def __init__(self, cases: Sequence[Case], patch_size: int, seed: int) -> None:
+        if not cases:
+            raise ValueError("no training cases; the train split of the site is empty")
+
+        self.rng = np.random.default_rng(seed)
+        self.num_experts = int(cases[0].expert_masks.shape[0])
+        pad = SpatialPadd(keys=_SPATIAL_KEYS, spatial_size=(patch_size, patch_size))
+        indices = FgBgToIndicesd(keys="reference", image_key="roi", image_threshold=0.5)
+
+        self.items = []
+        for case in cases:
+            if case.expert_masks.shape[0] != self.num_experts:
+                raise ValueError(
+                    f"case {case.case_id} has {case.expert_masks.shape[0]} expert masks, expected {self.num_experts}"
+                )
+            item = pad(
+                {
+                    "image": case.image.astype(np.float32),
+                    "reference": case.reference[None].astype(np.float32),
+                    "roi": case.roi[None].astype(np.float32),
+                    "experts": case.expert_masks.astype(np.float32)
+                    if self.num_experts
+                    else np.zeros((1, *case.reference.shape), np.float32),
+                }
+            )
+            item = indices(item)
+            item["available"] = case.expert_available.astype(bool)
+            self.items.append(item)
+
+        self.transform = Compose(
+            [
+                RandCropByPosNegLabeld(
+                    keys=_SPATIAL_KEYS,
+                    label_key="reference",
+                    spatial_size=(patch_size, patch_size),
+                    pos=1.0,
+                    neg=1.0,
+                    num_samples=1,
+                    fg_indices_key="reference_fg_indices",
+                    bg_indices_key="reference_bg_indices",
+                ),
+                RandFlipd(keys=_SPATIAL_KEYS, prob=0.5, spatial_axis=0),
+                RandFlipd(keys=_SPATIAL_KEYS, prob=0.5, spatial_axis=1),
+                RandRotate90d(keys=_SPATIAL_KEYS, prob=0.5),
+            ]
+        )
+        self.transform.set_random_state(seed=int(self.rng.integers(2**31)))
+
+    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """Draw one batch: image ``BCHW``, reference and roi ``B1HW``, experts ``BKHW``, available ``BK``."""
+        batch: dict[str, list] = {key: [] for key in (*_SPATIAL_KEYS, "available")}
+        for _ in range(batch_size):
+            item = self.items[int(self.rng.integers(len(self.items)))]
+            patch = self.transform(item)[0]
+            for key in _SPATIAL_KEYS:
+                batch[key].append(torch.as_tensor(np.asarray(patch[key])))
+            batch["available"].append(torch.as_tensor(item["available"]))
+
+        out = {key: torch.stack(values) for key, values in batch.items()}
+        if self.num_experts == 0:
+            out["experts"] = out["experts"][:, :0]
+        return out
+
+
+@dataclass
+class Bounds:
+    """Per-expert bounds of the soft load-balancing term, ``K`` tensors (upper = capacity, lower = 0)."""
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+
+
+def train_epochs(
+    model: DeferredSegNet,
+    sampler: PatchSampler,
+    settings: TrainSettings,
+    weights: LossWeights,
+    epochs: int,
+    device: torch.device,
+    bounds: Bounds | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """Train ``model`` for ``epochs`` epochs of ``settings.steps_per_epoch`` steps; return the last epoch's mean losses.
+
+    Mixed precision is used on CUDA only, selected automatically from ``device``.
+    """
+    model.to(device).train()
+    if optimizer is None:
+        optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    lower = bounds.lower.to(device) if bounds is not None else None
+    upper = bounds.upper.to(device) if bounds is not None else None
+
+    epoch_losses: dict[str, float] = {}
+    for epoch in range(epochs):
+        totals: dict[str, float] = {}
+        for _ in range(settings.steps_per_epoch):
+            batch = {k: v.to(device) for k, v in sampler.sample(settings.batch_size).items()}
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device.type, enabled=use_amp):
+                out = model(batch["image"])
+            loss, terms = deferredseg_loss(
+                out.seg_logit.float(),
+                out.routing_logits.float(),
+                out.deferral_logit.float(),
+                batch["reference"],
+                batch["experts"],
+                batch["available"],
+                batch["roi"],
+                weights,
+                lower=lower,
+                upper=upper,
+            )
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} (terms {terms}); lower learning-rate")
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            for name, value in terms.items():
+                totals[name] = totals.get(name, 0.0) + value
+
+        epoch_losses = {name: value / settings.steps_per_epoch for name, value in totals.items()}
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, epoch_losses)
+    return epoch_losses
+
+
+def _window_size(height: int, width: int, settings: TrainSettings, factor: int) -> tuple[int, int]:
+    def fit(size: int) -> int:
+        return min(settings.inference_window, int(math.ceil(size / factor) * factor))
+
+    return fit(height), fit(width)
+
+
+@torch.no_grad()
+def predict(
+    model: DeferredSegNet, image: np.ndarray, settings: TrainSettings, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run sliding-window inference on one ``CHW`` image.
+
+    Returns:
+        The foreground probability ``HW``, the routing logits ``(K+1)HW`` and the deferral probability ``HW``,
+        on the CPU.
+    """
+    model.to(device).eval()
+    tensor = torch.as_tensor(image, dtype=torch.float32)[None].to(device)
+    window = _window_size(tensor.shape[-2], tensor.shape[-1], settings, model.config.downsampling_factor)
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
+            out = model(x)
+        return torch.cat([out.seg_logit, out.routing_logits, out.deferral_logit], dim=1).float()
+
+    stacked = sliding_window_inference(tensor, window, sw_batch_size=4, predictor=predictor, overlap=0.25)[0].cpu()
+    prob = torch.sigmoid(stacked[0])
+    routing_logits = stacked[1:-1]
+    deferral_prob = torch.sigmoid(stacked[-1])
+    return prob, routing_logits, deferral_prob
+
+
+def expert_priority(cases: Sequence[Case], num_experts: int) -> list[int]:
+    """Order experts by pixel accuracy against the reference on ``cases`` (usually validation), best first."""
+    correct = torch.zeros(num_experts, dtype=torch.float64)
+    total = torch.zeros(num_experts, dtype=torch.float64)
+    for case in cases:
+        c, n = expert_accuracy(
+            torch.as_tensor(case.expert_masks),
+            torch.as_tensor(case.reference),
+            torch.as_tensor(case.roi),
+            torch.as_tensor(case.expert_available),
+        )
+        correct += c.double()
+        total += n.double()
+    accuracy = torch.where(total > 0, correct / total.clamp(min=1), torch.zeros_like(total))
+    return sorted(range(num_experts), key=lambda k: (-float(accuracy[k]), k))
+
+
+def evaluate_cases(
+    model: DeferredSegNet,
+    cases: Sequence[Case],
+    expert_ids: Sequence[str],
+    capacity: Sequence[float],
+    settings: TrainSettings,
+    device: torch.device,
+    priority: Sequence[int],
+    prices: Sequence[float] | None = None,
+    channels: Sequence[int] | None = None,
+) -> tuple[dict, list[ImageEvaluation]]:
+    """Route and score every case; return the summary of :func:`common.metrics.summarize` and the per-image results.
+
+    Args:
+        expert_ids: ids of the case's experts, in the order of their masks.
+        capacity: capacities of those experts.
+        priority: expert indices by validation accuracy, best first (for the confidence baseline).
+        prices: capacity prices subtracted from the experts' routing scores; ``None`` means zero.
+        channels: the network's expert channels that serve these experts, when the network has more
+            (pooled training over several sites); ``None`` means channel k serves expert k.
+    """
+    capacity_tensor = torch.tensor(list(capacity), dtype=torch.float64)
+    price_tensor = torch.tensor(list(prices), dtype=torch.float32) if prices is not None else None
+    evaluations = []
+    for case in cases:
+        prob, routing_logits, _ = predict(model, case.image, settings, device)
+        if channels is not None:
+            routing_logits = routing_logits[[*channels, routing_logits.shape[0] - 1]]
+        scores = softmax_scores(routing_logits, price_tensor)
+        available = torch.as_tensor(case.expert_available)
+        roi = torch.as_tensor(case.roi)
+        routing = assign_with_capacity(scores, roi, capacity_tensor, available)
+        evaluations.append(
+            evaluate_image(
+                prob,
+                torch.as_tensor(case.reference),
+                roi,
+                torch.as_tensor(case.expert_masks),
+                available,
+                capacity_tensor,
+                routing.owner,
+                routing.demand_owner,
+                priority,
+            )
+        )
+    return summarize(evaluations, list(expert_ids), list(capacity)), evaluations

@@ -1,0 +1,1 @@
+"""Coordinator side of the federation: the Flower ServerApp, strategy and capacity ledger."""

@@ -16,6 +16,7 @@ import tomli_w
 
 from cli.report import format_site_table
 from common.config import FederationConfig, load_federation
+from server.strategy import federation_means
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,22 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--federation", type=Path, default=None, help="federation TOML file (site folders, options)")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/sim-<time>)")
     parser.add_argument("--rounds", type=int, default=None, help="override the federation file's rounds")
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last completed round (its ledger, weights and local heads)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["federated", "local", "pooled"],
+        default="federated",
+        help=(
+            "federated (default); local: each site trains alone; pooled: one model on all sites' data, for "
+            "comparison only. All three write the same summary.json shape"
+        ),
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the built-in synthetic federation")
     parser.add_argument(
         "--cpus-per-site", type=float, default=1.0, help="CPU cores reserved for each virtual node (default 1)"
@@ -77,6 +94,8 @@ def resolve_federation_file(source: Path, run_dir: Path, rounds: int | None) -> 
     raw = tomllib.loads(source.read_text(encoding="utf-8"))
     config = load_federation(source)
     for index, (table, entry) in enumerate(zip(raw["sites"], config.sites)):
+        if entry.site_dir is None:
+            raise ValueError(f"{source}: site {index + 1} has no dir; simulation needs dir = \"path/to/site\"")
         table["dir"] = str(entry.site_dir)
         table["state-dir"] = str(entry.state_dir or (run_dir / "state" / f"site-{index + 1}").resolve())
     if rounds is not None:
@@ -94,18 +113,32 @@ def run_simulate(args: argparse.Namespace) -> int:
     from client.app import build_client_app
     from server.app import build_server_app
 
-    run_dir = (args.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")).resolve()
-    if (run_dir / "summary.json").exists():
-        raise ValueError(f"{run_dir} already holds a finished run; choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.resume is not None:
+        if args.federation is not None or args.out is not None:
+            raise ValueError("--resume takes the run folder alone; drop --federation and --out")
+        run_dir = args.resume.resolve()
+        federation_file = run_dir / "federation.toml"
+        if not federation_file.exists():
+            raise ValueError(f"{run_dir} has no federation.toml; --resume needs a folder written by deferredseg simulate")
+        federation = load_federation(federation_file)
+        if args.rounds is not None:
+            federation_file, federation = resolve_federation_file(federation_file, run_dir, args.rounds)
+    else:
+        run_dir = (args.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")).resolve()
+        if (run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists():
+            raise ValueError(f"{run_dir} already holds a run; choose another --out, or continue it with --resume")
+        run_dir.mkdir(parents=True, exist_ok=True)
 
-    source = args.federation
-    if source is None:
-        source = _builtin_federation(run_dir, args.seed)
-        print(f"No --federation given: built-in synthetic federation of {BUILTIN_SITES} sites in {run_dir / 'sites'}")
-    federation_file, federation = resolve_federation_file(Path(source), run_dir, args.rounds)
+        source = args.federation
+        if source is None:
+            source = _builtin_federation(run_dir, args.seed)
+            print(f"No --federation given: built-in synthetic federation of {BUILTIN_SITES} sites in {run_dir / 'sites'}")
+        federation_file, federation = resolve_federation_file(Path(source), run_dir, args.rounds)
 
-    options = {"federation": str(federation_file), "run-dir": str(run_dir)}
+    if args.mode != "federated":
+        return _run_comparison(args.mode, federation, run_dir)
+
+    options = {"federation": str(federation_file), "run-dir": str(run_dir), "resume": args.resume is not None}
     num_sites = len(federation.sites)
     gpus = args.gpus_per_site
     if gpus is None:
@@ -135,6 +168,35 @@ def run_simulate(args: argparse.Namespace) -> int:
     print()
     print(format_site_table(summary["sites"], summary["federation"]))
     print(f"\nchosen round {summary['chosen_round']} of {summary['rounds']}; run folder {run_dir}")
+    return 0
+
+
+def _run_comparison(mode: str, federation: FederationConfig, run_dir: Path) -> int:
+    """Train the federation's sites alone (``local``) or pooled (``pooled``) for the same number of epochs."""
+    from dataclasses import replace
+
+    from cli.train import train_sites
+    from client.sitedata import open_site
+    from common.config import federation_settings
+
+    sites = [open_site(entry.site_dir, entry) for entry in federation.sites]
+    settings = federation_settings(federation, sites[0].spec.in_channels)
+    train = replace(settings.train, epochs=federation.rounds * federation.local_epochs)
+    print(f"Mode {mode}: {len(sites)} sites, {train.epochs} epochs; run folder {run_dir}")
+
+    if mode == "pooled":
+        results = train_sites(sites, run_dir / "pooled", train, settings.network, settings.loss)["sites"]
+    else:
+        results = {}
+        for site in sites:
+            summary = train_sites([site], run_dir / "local" / site.site_id, train, settings.network, settings.loss)
+            results.update(summary["sites"])
+
+    summary = {"mode": mode, "sites": results, "federation": federation_means(results)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print()
+    print(format_site_table(summary["sites"], summary["federation"]))
+    print(f"\nrun folder {run_dir}")
     return 0
 
 

@@ -19,7 +19,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.engine import PatchSampler, evaluate_cases, expert_priority, select_device, train_epochs
+from client.engine import Bounds, PatchSampler, evaluate_cases, expert_priority, select_device, train_epochs
 from client.sitedata import SiteData, open_site
 from common.config import RunSettings, load_federation
 from common.model import DeferredSegNet, load_partial_state, local_state, shared_state
@@ -111,6 +111,8 @@ def resolve_site(context: Context, defaults: Mapping[str, Any]) -> tuple[SiteDat
             "set num-supernodes to the number of sites"
         )
     entry = config.sites[index]
+    if entry.site_dir is None:
+        raise ValueError(f"site {index + 1} of {federation_file} has no dir; simulation needs dir = \"path/to/site\"")
     state_dir = entry.state_dir
     if state_dir is None:
         run_dir = _setting(context, defaults, "run-dir")
@@ -164,11 +166,22 @@ def _public_summary(summary: dict[str, Any], pseudonyms: dict[str, str]) -> dict
     return public
 
 
+def _bounds(config: ConfigRecord, pseudonyms: dict[str, str]) -> Bounds | None:
+    """Return the soft load-balancing bounds the coordinator sent, in expert order (default ``[0, 1]``)."""
+    if "bounds" not in config or not pseudonyms:
+        return None
+    by_pseudonym = json.loads(str(config["bounds"]))
+    pairs = [by_pseudonym.get(p, [0.0, 1.0]) for p in pseudonyms.values()]
+    return Bounds(
+        lower=torch.tensor([float(lo) for lo, _ in pairs]), upper=torch.tensor([float(hi) for _, hi in pairs])
+    )
+
+
 def _prices(config: ConfigRecord, pseudonyms: dict[str, str]) -> list[float] | None:
     if "prices" not in config:
         return None
     by_pseudonym = json.loads(str(config["prices"]))
-    return [float(by_pseudonym.get(pseudonyms[e], 0.0)) for e in pseudonyms]
+    return [float(by_pseudonym.get(p, 0.0)) for p in pseudonyms.values()]
 
 
 def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
@@ -195,7 +208,10 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
 
         model = _build_model(site, settings, message, state, state.latest_heads(server_round))
         sampler = PatchSampler(site.split("train"), settings.train.patch_size, settings.train.seed * 1000 + server_round)
-        losses = train_epochs(model, sampler, settings.train, settings.loss, settings.local_epochs, device)
+        bounds = _bounds(config, pseudonyms) if settings.loss.load_balancing > 0 else None
+        losses = train_epochs(
+            model, sampler, settings.train, settings.loss, settings.local_epochs, device, bounds=bounds
+        )
         save_weights(state.heads_path(server_round), local_state(model))
 
         priority = expert_priority(site.split("validation"), len(site.experts))

@@ -61,15 +61,18 @@ class SiteEntry:
     """One site of a federation file.
 
     Attributes:
-        site_dir: the site's data folder.
+        site_dir: the site's data folder; ``None`` in a coordinator's file for a deployed federation, where
+            each site names its own folder in its node config.
+        site_id: the site id expected to join; ``None`` accepts whichever site the node serves.
         state_dir: where the site keeps its local heads and its expert pseudonyms; ``None`` lets the caller
             choose (``deferredseg simulate`` uses ``<run-dir>/state/<index>``).
         capacity: capacity overrides by expert id; they do not edit ``site.toml``.
         extra_experts: simulated experts added for this run.
     """
 
-    site_dir: Path
+    site_dir: Path | None
     state_dir: Path | None = None
+    site_id: str | None = None
     capacity: Mapping[str, float] = field(default_factory=dict)
     extra_experts: tuple[ExpertSpec, ...] = ()
 
@@ -90,6 +93,11 @@ class FederationConfig:
             at least 1.
         in_channels: image channels of every site; ``None`` takes the value the sites report, which must
             then agree.
+        aggregation: ``"fedavg"`` (weights by training examples) or ``"workload-aware"`` (sites whose experts
+            are under pressure count more).
+        price_step: step size of the capacity-price update.
+        workload_beta: strength of the workload-aware weighting.
+        load_balancing: weight of DeferredSeg's soft load-balancing term (0 turns it off).
     """
 
     sites: tuple[SiteEntry, ...]
@@ -101,6 +109,10 @@ class FederationConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     min_sites: int | None = None
     in_channels: int | None = None
+    aggregation: str = "fedavg"
+    price_step: float = 0.5
+    workload_beta: float = 1.0
+    load_balancing: float = 0.0
 
     @property
     def resolved_min_sites(self) -> int:
@@ -111,8 +123,22 @@ class FederationConfig:
 
 
 _TRAIN_KEYS = {f.name.replace("_", "-"): f.name for f in fields(TrainSettings) if f.name != "epochs"}
-_TOP_KEYS = {"rounds", "local-epochs", "backbone", "features", "channels", "min-sites", "in-channels", "sites", "seed"} | set(_TRAIN_KEYS)
-_SITE_KEYS = {"dir", "state-dir", "capacity", "experts"}
+_TOP_KEYS = {
+    "rounds",
+    "local-epochs",
+    "backbone",
+    "features",
+    "channels",
+    "min-sites",
+    "in-channels",
+    "aggregation",
+    "price-step",
+    "workload-beta",
+    "load-balancing",
+    "sites",
+    "seed",
+} | set(_TRAIN_KEYS)
+_SITE_KEYS = {"dir", "id", "state-dir", "capacity", "experts"}
 
 
 def load_federation(path: Path) -> FederationConfig:
@@ -139,7 +165,10 @@ def parse_federation(raw: Mapping[str, Any], base_dir: Path, source: str = "fede
 
     site_tables = raw.get("sites")
     if not isinstance(site_tables, list) or not site_tables:
-        raise ValueError(f"{source}: no [[sites]] tables; add one [[sites]] table with dir = \"...\" per site")
+        raise ValueError(
+            f"{source}: no [[sites]] tables; add one [[sites]] table per site, with dir = \"...\" in simulation "
+            "or id = \"...\" in deployment"
+        )
 
     sites = tuple(_parse_site(table, base_dir, f"{source} site {i + 1}") for i, table in enumerate(site_tables))
 
@@ -156,25 +185,37 @@ def parse_federation(raw: Mapping[str, Any], base_dir: Path, source: str = "fede
             train=train,
             min_sites=int(raw["min-sites"]) if "min-sites" in raw else None,
             in_channels=int(raw["in-channels"]) if "in-channels" in raw else None,
+            aggregation=str(raw.get("aggregation", "fedavg")),
+            price_step=float(raw.get("price-step", 0.5)),
+            workload_beta=float(raw.get("workload-beta", 1.0)),
+            load_balancing=float(raw.get("load-balancing", 0.0)),
         )
     except (TypeError, ValueError) as error:
         raise ValueError(f"{source}: {error}") from None
 
     if config.rounds < 1 or config.local_epochs < 1:
         raise ValueError(f"{source}: rounds and local-epochs must be at least 1")
+    if config.aggregation not in ("fedavg", "workload-aware"):
+        raise ValueError(f"{source}: aggregation must be \"fedavg\" or \"workload-aware\", got {config.aggregation!r}")
+    if config.price_step < 0 or config.workload_beta < 0 or config.load_balancing < 0:
+        raise ValueError(f"{source}: price-step, workload-beta and load-balancing must be >= 0")
     if not 1 <= config.resolved_min_sites <= len(sites):
         raise ValueError(f"{source}: min-sites must be between 1 and the number of sites ({len(sites)})")
     return config
 
 
 def _parse_site(table: Mapping[str, Any], base_dir: Path, source: str) -> SiteEntry:
-    if not isinstance(table, Mapping) or "dir" not in table:
-        raise ValueError(f"{source}: missing dir; give the site folder as dir = \"path/to/site\"")
+    if not isinstance(table, Mapping) or ("dir" not in table and "id" not in table):
+        raise ValueError(
+            f"{source}: give the site folder as dir = \"path/to/site\" (simulation) or the site id as "
+            "id = \"...\" (deployment)"
+        )
     unknown = sorted(set(table) - _SITE_KEYS)
     if unknown:
         raise ValueError(f"{source}: unknown keys {unknown}; valid keys are {sorted(_SITE_KEYS)}")
 
-    site_dir = (base_dir / str(table["dir"])).resolve()
+    site_dir = (base_dir / str(table["dir"])).resolve() if "dir" in table else None
+    site_id = str(table["id"]) if "id" in table else None
     state_dir = (base_dir / str(table["state-dir"])).resolve() if "state-dir" in table else None
 
     capacity: dict[str, float] = {}
@@ -192,7 +233,7 @@ def _parse_site(table: Mapping[str, Any], base_dir: Path, source: str) -> SiteEn
                 "declare real experts in the site's site.toml"
             )
         extra.append(spec)
-    return SiteEntry(site_dir, state_dir, capacity, tuple(extra))
+    return SiteEntry(site_dir, state_dir, site_id, capacity, tuple(extra))
 
 
 def resolve_experts(
@@ -271,6 +312,6 @@ def federation_settings(config: FederationConfig, in_channels: int) -> RunSettin
             backbone=config.backbone, in_channels=in_channels, features=config.features, channels=config.channels
         ),
         train=config.train,
-        loss=LossWeights(),
+        loss=LossWeights(load_balancing=config.load_balancing),
         local_epochs=config.local_epochs,
     )

@@ -3,7 +3,7 @@
 Run config keys: ``federation`` (the federation TOML file) and ``run-dir`` (the run folder; its name is the
 run name that sites use for their local state). ``connect-timeout`` (seconds, default 300) bounds the wait
 for every site of the federation to connect at the start, and ``round-timeout`` (seconds, default 3600)
-bounds each round.
+bounds each round. ``resume`` (true/false) continues a run folder from its last completed round.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import FederationConfig, federation_settings, load_federation
 from common.model import DeferredSegNet, shared_state
 from common.weights import load_weights
+from server.checkpoints import latest_checkpoint, truncate_history
+from server.ledger import CapacityLedger, LedgerConfig
 from server.strategy import SharedFedAvg, SiteInfo, federation_means
 
 logger = logging.getLogger(__name__)
@@ -48,11 +50,13 @@ def wait_for_sites(grid: Grid, expected: int, timeout: float, poll: float = 1.0)
         time.sleep(poll)
 
 
-def query_sites(grid: Grid, node_ids: list[int], run_name: str, timeout: float) -> dict[int, SiteInfo]:
+def query_sites(
+    grid: Grid, node_ids: list[int], run_name: str, timeout: float, expected_ids: set[str] | None = None
+) -> dict[int, SiteInfo]:
     """Send the site query to every node and build the site registry from the replies.
 
-    A node that fails to reply is logged and left out. Two nodes that claim the same site id are an error,
-    because their local state and their numbers would mix.
+    A node that fails to reply, or serves a site that ``expected_ids`` does not list, is logged and left out.
+    Two nodes that claim the same site id are an error, because their local state and their numbers would mix.
     """
     messages = [
         Message(
@@ -76,6 +80,11 @@ def query_sites(grid: Grid, node_ids: list[int], run_name: str, timeout: float) 
             experts=list(descriptor["experts"]),
             splits=dict(descriptor["splits"]),
         )
+        if expected_ids and info.site_id not in expected_ids:
+            logger.warning(
+                "node %d serves site %r, which the federation file does not list; left out", node_id, info.site_id
+            )
+            continue
         clash = [s.site_id for s in registry.values() if s.site_id == info.site_id]
         if clash:
             raise RuntimeError(f"two nodes serve site {info.site_id!r}; give every site its own site-id in site.toml")
@@ -116,28 +125,50 @@ def run_federation(grid: Grid, federation: FederationConfig, run_dir: Path, opti
     node_ids = wait_for_sites(grid, expected, connect_timeout)
     if len(node_ids) < expected:
         logger.warning("%d of %d sites connected within %.0f s", len(node_ids), expected, connect_timeout)
-    registry = query_sites(grid, node_ids, run_name, round_timeout)
+    expected_ids = {entry.site_id for entry in federation.sites if entry.site_id}
+    registry = query_sites(grid, node_ids, run_name, round_timeout, expected_ids)
     if len(registry) < min_sites:
         raise RuntimeError(
             f"only {len(registry)} sites answered the site query, min-sites is {min_sites}; check the site nodes' logs"
         )
 
     settings = federation_settings(federation, _in_channels(federation, registry))
+    (run_dir / "settings.json").write_text(settings.to_json() + "\n", encoding="utf-8")
     torch.manual_seed(settings.train.seed)
     initial = shared_state(DeferredSegNet(settings.network, num_experts=0))
     expected_arrays = {k: (tuple(v.shape), np.dtype(str(v.numpy().dtype))) for k, v in initial.items()}
 
-    strategy = SharedFedAvg(registry, expected_arrays, run_dir, min_sites)
-    base_config = {"run-name": run_name, "settings": settings.to_json()}
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(initial),
-        num_rounds=federation.rounds,
-        timeout=round_timeout,
-        train_config=ConfigRecord(dict(base_config)),
-        evaluate_config=ConfigRecord({**base_config, "split": "validation"}),
-        evaluate_fn=strategy.end_round,
+    ledger_config = LedgerConfig(price_step=federation.price_step, workload_beta=federation.workload_beta)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None and not options.get("resume"):
+        raise RuntimeError(
+            f"{run_dir} already holds rounds up to {checkpoint.round}; resume it with --resume or choose a new run folder"
+        )
+    if checkpoint is not None:
+        initial = load_weights(checkpoint.weights)
+        ledger = CapacityLedger.from_json(json.dumps(checkpoint.state["ledger"]), ledger_config)
+        best = (int(checkpoint.state["best_round"]), float(checkpoint.state["best_score"] or float("-inf")))
+        truncate_history(run_dir / "history.jsonl", checkpoint.round)
+        logger.info("resuming %s after round %d of %d", run_name, checkpoint.round, federation.rounds)
+    else:
+        ledger, best = CapacityLedger(ledger_config), (0, float("-inf"))
+    done = checkpoint.round if checkpoint is not None else 0
+
+    strategy = SharedFedAvg(
+        registry, expected_arrays, run_dir, min_sites, ledger=ledger, aggregation=federation.aggregation,
+        round_offset=done, best=best,
     )
+    base_config = {"run-name": run_name, "settings": settings.to_json()}
+    if done < federation.rounds:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(initial),
+            num_rounds=federation.rounds - done,
+            timeout=round_timeout,
+            train_config=ConfigRecord(dict(base_config)),
+            evaluate_config=ConfigRecord({**base_config, "split": "validation"}),
+            evaluate_fn=strategy.end_round,
+        )
 
     best_round = strategy.best_round or federation.rounds
     final_path = run_dir / "model-final.safetensors"
@@ -156,6 +187,7 @@ def run_federation(grid: Grid, federation: FederationConfig, run_dir: Path, opti
         sites[site_id] = json.loads(str(reply.content.config_records["site"]["summary"]))
 
     summary = {
+        "mode": "federated",
         "sites": sites,
         "federation": federation_means(sites),
         "chosen_round": best_round,
@@ -179,7 +211,7 @@ def build_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
             raise ValueError("the run config needs federation=FILE and run-dir=DIR")
         options = {
             key: _option(context, defaults, key)
-            for key in ("connect-timeout", "round-timeout")
+            for key in ("connect-timeout", "round-timeout", "resume")
             if _option(context, defaults, key) is not None
         }
         run_federation(grid, load_federation(Path(str(federation_file))), Path(str(run_dir)), options)

@@ -13,8 +13,18 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import (
+    aggregate_arrayrecords,
+    aggregate_metricrecords,
+    validate_message_reply_consistency,
+)
 
 from common.weights import check_arrays, save_weights
+from server.ledger import CapacityLedger, workload_weight
+from server.plots import write_plots
+
+AGGREGATIONS = ("fedavg", "workload-aware")
+_WEIGHT_KEY = "aggregation-weight"
 
 logger = logging.getLogger(__name__)
 
@@ -38,21 +48,31 @@ class RoundRecord:
     sites: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    bounds: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
 class SharedFedAvg(FedAvg):
-    """FedAvg over the shared parameters only, weighted by each site's number of training examples.
+    """FedAvg over the shared parameters only, with a capacity ledger that prices expert workload.
 
     Site-local expert heads never travel, so only the shared arrays arrive here. Every reply is checked
     before aggregation: a reply with an error, wrong array names, shapes or dtypes, or non-finite values is
     left out of the round, and the site id and reason are logged. A round updates the weights only when at
     least ``min_sites`` sites reply with usable weights; otherwise the previous weights carry over.
 
+    Each site gets its own train config with its experts' capacity prices and soft load-balancing bounds.
+    With ``aggregation="fedavg"`` sites are weighted by their training examples; with ``"workload-aware"``
+    by ``n * (1 + beta * max(0, P - 1))``, where P is the site's largest expert pressure this round.
+
     Args:
         registry: the sites by node id, from the site query.
         expected: shape and dtype of every shared array.
         run_dir: folder of ``history.jsonl`` and ``checkpoints/``.
         min_sites: usable replies a round needs.
+        ledger: the capacity ledger; a resumed run passes the one saved with its last round.
+        aggregation: ``"fedavg"`` or ``"workload-aware"``.
+        round_offset: rounds already completed before this start (a resumed run).
+        best: ``(round, federation validation system Dice)`` of the best round so far, when resuming.
     """
 
     def __init__(
@@ -61,7 +81,13 @@ class SharedFedAvg(FedAvg):
         expected: dict[str, tuple[tuple[int, ...], np.dtype]],
         run_dir: Path,
         min_sites: int,
+        ledger: CapacityLedger | None = None,
+        aggregation: str = "fedavg",
+        round_offset: int = 0,
+        best: tuple[int, float] = (0, float("-inf")),
     ) -> None:
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
         super().__init__(
             fraction_train=1.0,
             fraction_evaluate=1.0,
@@ -74,48 +100,66 @@ class SharedFedAvg(FedAvg):
         self.run_dir = Path(run_dir)
         self.min_sites = min_sites
         self.records: dict[int, RoundRecord] = {}
-        self.best_round = 0
-        self.best_score = float("-inf")
+        self.best_round, self.best_score = best
+        self.ledger = ledger or CapacityLedger()
+        self.aggregation = aggregation
+        self.round_offset = round_offset
+        for info in registry.values():
+            self.ledger.register(info.site_id, {e["id"]: float(e["capacity"]) for e in info.experts})
 
     def summary(self) -> None:
         """Log the configuration once at start."""
         logger.info(
-            "FedAvg over shared parameters: %d sites (%s), min-sites %d, %d shared arrays",
+            "%s aggregation over shared parameters: %d sites (%s), min-sites %d, %d shared arrays, "
+            "price step %.3g, workload beta %.3g",
+            self.aggregation,
             len(self.registry),
             ", ".join(s.site_id for s in self.registry.values()),
             self.min_sites,
             len(self.expected),
+            self.ledger.config.price_step,
+            self.ledger.config.workload_beta,
         )
+        if self.round_offset:
+            logger.info("resuming after round %d", self.round_offset)
 
     def _record(self, server_round: int) -> RoundRecord:
         return self.records.setdefault(server_round, RoundRecord(server_round))
 
-    def _messages(self, record: RecordDict, message_type: str, grid: Grid) -> list[Message]:
+    def _messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, message_type: str, grid: Grid
+    ) -> list[Message]:
         connected = set(grid.get_node_ids())
         missing = [s.site_id for n, s in self.registry.items() if n not in connected]
         if missing:
-            logger.warning("sites not connected, left out of this round: %s", ", ".join(missing))
-        return [
-            Message(content=record, message_type=message_type, dst_node_id=node_id)
-            for node_id in self.registry
-            if node_id in connected
-        ]
+            logger.warning("sites not connected, left out of round %d: %s", server_round, ", ".join(missing))
+
+        messages = []
+        for node_id, info in self.registry.items():
+            if node_id not in connected:
+                continue
+            site_config = ConfigRecord(dict(config))
+            site_config["server-round"] = server_round
+            site_config["prices"] = json.dumps(self.ledger.prices_for(info.site_id))
+            bounds = self.ledger.bounds_for(info.site_id)
+            site_config["bounds"] = json.dumps(bounds)
+            if message_type == MessageType.TRAIN:
+                self._record(server_round).bounds[info.site_id] = bounds
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: site_config})
+            messages.append(Message(content=record, message_type=message_type, dst_node_id=node_id))
+        return messages
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send the shared weights and the run settings to every registered, connected site."""
-        config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._messages(record, MessageType.TRAIN, grid)
+        """Send the shared weights, the run settings and each site's own prices and bounds."""
+        return self._messages(server_round + self.round_offset, arrays, config, MessageType.TRAIN, grid)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Ask every registered, connected site to score the aggregated weights on its validation split."""
-        config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._messages(record, MessageType.EVALUATE, grid)
+        return self._messages(server_round + self.round_offset, arrays, config, MessageType.EVALUATE, grid)
 
     def site_of(self, message: Message) -> str:
         """Return the site id of a reply's sender (``node-<id>`` for an unregistered node)."""
@@ -151,13 +195,24 @@ class SharedFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate the usable replies when at least ``min_sites`` sent them; record each site's numbers."""
+        """Aggregate the usable replies when at least ``min_sites`` sent them; update the ledger from all of them."""
+        server_round += self.round_offset
         usable = self.usable_replies(server_round, list(replies), with_arrays=True)
         record = self._record(server_round)
         for reply in usable:
+            site_id = self.site_of(reply)
             summary = json.loads(str(reply.content.config_records["site"]["summary"]))
-            summary["num_examples"] = int(reply.content.metric_records["metrics"]["num-examples"])
-            record.sites[self.site_of(reply)] = summary
+            num_examples = int(reply.content.metric_records["metrics"]["num-examples"])
+            summary["num_examples"] = num_examples
+            summary["experts"] = self.ledger.record(server_round, site_id, summary["experts"])
+            record.sites[site_id] = summary
+
+            weight = float(num_examples)
+            if self.aggregation == "workload-aware":
+                pressure = self.ledger.max_pressure(server_round, site_id)
+                weight = workload_weight(num_examples, pressure, self.ledger.config.workload_beta)
+            record.weights[site_id] = weight
+            reply.content.metric_records["metrics"][_WEIGHT_KEY] = weight
 
         if len(usable) < self.min_sites:
             logger.warning(
@@ -165,10 +220,16 @@ class SharedFedAvg(FedAvg):
                 server_round, len(usable), self.min_sites,
             )
             return None, None
-        return super().aggregate_train(server_round, usable)
+
+        total = sum(record.weights.values())
+        record.weights = {site_id: w / total for site_id, w in record.weights.items()}
+        contents = [reply.content for reply in usable]
+        validate_message_reply_consistency(contents, _WEIGHT_KEY, check_arrayrecord=True)
+        return aggregate_arrayrecords(contents, _WEIGHT_KEY), aggregate_metricrecords(contents, _WEIGHT_KEY)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record each site's validation numbers of the aggregated weights."""
+        server_round += self.round_offset
         usable = self.usable_replies(server_round, list(replies), with_arrays=False)
         record = self._record(server_round)
         for reply in usable:
@@ -184,17 +245,22 @@ class SharedFedAvg(FedAvg):
         """
         if server_round == 0:
             return None
+        server_round += self.round_offset
 
         record = self._record(server_round)
         state = arrays.to_torch_state_dict()
-        save_weights(self.run_dir / "checkpoints" / f"round-{server_round:04d}.safetensors", state)
-        save_weights(self.run_dir / "model-last.safetensors", state)
-
         federation = federation_means(record.evaluation)
+        score = federation.get("system_dice")
+        if score is not None and score > self.best_score:
+            self.best_score, self.best_round = score, server_round
+            save_weights(self.run_dir / "model-final.safetensors", state)
+
         line = {
             "round": server_round,
             "sites": {
-                site_id: _history_entry(summary, record.evaluation.get(site_id))
+                site_id: _history_entry(
+                    summary, record.evaluation.get(site_id), record.weights.get(site_id), record.bounds.get(site_id, {})
+                )
                 for site_id, summary in record.sites.items()
             },
             "federation": federation,
@@ -203,10 +269,21 @@ class SharedFedAvg(FedAvg):
         with open(self.run_dir / "history.jsonl", "a", encoding="utf-8") as history:
             history.write(json.dumps(line) + "\n")
 
-        score = federation.get("system_dice")
-        if score is not None and score > self.best_score:
-            self.best_score, self.best_round = score, server_round
-            save_weights(self.run_dir / "model-final.safetensors", state)
+        # The round's checkpoint: shared weights, then the ledger and the best round, written last so that a
+        # state file marks a round as complete.
+        checkpoints = self.run_dir / "checkpoints"
+        save_weights(checkpoints / f"round-{server_round:04d}.safetensors", state)
+        save_weights(self.run_dir / "model-last.safetensors", state)
+        checkpoint_state = {
+            "round": server_round,
+            "best_round": self.best_round,
+            "best_score": self.best_score if self.best_round else None,
+            "ledger": json.loads(self.ledger.to_json()),
+        }
+        tmp = checkpoints / f"round-{server_round:04d}.json.tmp"
+        tmp.write_text(json.dumps(checkpoint_state, indent=2), encoding="utf-8")
+        tmp.replace(checkpoints / f"round-{server_round:04d}.json")
+        write_plots(self.run_dir)
 
         logger.info(
             "round %d: %d sites, validation model Dice %.4f, system Dice %.4f, deferral rate %.4f%s",
@@ -217,12 +294,20 @@ class SharedFedAvg(FedAvg):
         return None
 
 
-def _history_entry(train_summary: dict[str, Any], evaluation: dict[str, Any] | None) -> dict[str, Any]:
+
+def _history_entry(
+    train_summary: dict[str, Any],
+    evaluation: dict[str, Any] | None,
+    weight: float | None,
+    bounds: dict[str, list[float]],
+) -> dict[str, Any]:
     entry = {
         "num_examples": train_summary["num_examples"],
         "model_dice": train_summary["model_dice"],
         "system_dice": train_summary["system_dice"],
         "deferral_rate": train_summary["deferral_rate"],
+        "aggregation_weight": weight,
+        "bounds": bounds,
         "experts": train_summary["experts"],
     }
     if evaluation is not None:

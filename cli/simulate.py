@@ -10,27 +10,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import tomli_w
 
 from cli.report import format_site_table
-from common.config import FederationConfig, load_federation
+from common.config import BUILTIN_SITES, FederationConfig, builtin_federation, load_federation
 from server.strategy import federation_means
 
 logger = logging.getLogger(__name__)
-
-# The built-in federation is sized to finish in minutes on two CPU cores.
-BUILTIN_SITES = 3
-BUILTIN_OPTIONS: dict[str, Any] = {
-    "rounds": 3,
-    "local-epochs": 4,
-    "steps-per-epoch": 25,
-    "batch-size": 8,
-    "patch-size": 48,
-    "inference-window": 64,
-}
-
 
 def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``deferredseg simulate``."""
@@ -78,7 +65,7 @@ def _builtin_federation(run_dir: Path, seed: int) -> Path:
     from common.synthetic import write_synthetic_sites
 
     site_dirs = write_synthetic_sites(run_dir / "sites", n_sites=BUILTIN_SITES, seed=seed)
-    raw = {**BUILTIN_OPTIONS, "seed": seed, "sites": [{"dir": str(Path(d).resolve())} for d in site_dirs]}
+    raw = builtin_federation(site_dirs, BUILTIN_SITES, seed)
     path = run_dir / "builtin-federation.toml"
     path.write_bytes(tomli_w.dumps(raw).encode("utf-8"))
     return path

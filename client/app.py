@@ -2,7 +2,7 @@
 
 The site folder and the state folder come from the node config (``--node-config "site-dir=... state-dir=..."``).
 In simulation, virtual node i serves the i-th site of the federation file named by the run config key
-``federation``. Nothing is kept in memory between messages, because in deployment every message starts a new
+``federation``, or the i-th built-in synthetic site when that key is empty. Nothing is kept in memory between messages, because in deployment every message starts a new
 ClientApp process: the site-local heads and the expert pseudonyms live in the state folder.
 """
 
@@ -20,12 +20,20 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.engine import Bounds, PatchSampler, evaluate_cases, expert_priority, select_device, train_epochs
+from client.overlays import write_overlay
 from client.sitedata import SiteData, open_site
-from common.config import RunSettings, load_federation
+from common.config import BUILTIN_SITES, RunSettings, load_federation
+from common.metrics import FOREGROUND_THRESHOLD
 from common.model import DeferredSegNet, load_partial_state, local_state, shared_state
+from common.routing import Routing
+from common.site import Case
+from common.synthetic import builtin_sites
 from common.weights import load_weights, save_weights
 
 logger = logging.getLogger(__name__)
+
+# Cases per evaluation drawn as overlays into the site's state folder; they never leave the site.
+SAMPLE_OVERLAYS = 2
 
 # Keys of the MetricRecord of every train and evaluate reply; the same at every site, as FedAvg requires.
 METRIC_KEYS = ("num-examples", "model-dice", "system-dice", "deferral-rate")
@@ -98,13 +106,20 @@ def resolve_site(context: Context, defaults: Mapping[str, Any]) -> tuple[SiteDat
 
     federation_file = _setting(context, defaults, "federation")
     partition = context.node_config.get("partition-id")
-    if not federation_file or partition is None:
+    if partition is None:
         raise ValueError(
-            "this node has no site: give --node-config \"site-dir=PATH state-dir=PATH\", or run in simulation "
-            "with the run config key federation=FILE"
+            "this node has no site: give --node-config \"site-dir=PATH state-dir=PATH\", or run it as a "
+            "simulated node"
         )
-    config = load_federation(Path(str(federation_file)))
     index = int(partition)
+
+    if not federation_file:
+        # A Flower-native simulation without a federation file trains the built-in synthetic federation.
+        num_sites = int(context.node_config.get("num-partitions", BUILTIN_SITES))
+        site_dirs = builtin_sites(num_sites, int(_setting(context, defaults, "seed") or 0))
+        return open_site(site_dirs[index]), site_dirs[index].parent / "state" / f"site-{index + 1}"
+
+    config = load_federation(Path(str(federation_file)))
     if index >= len(config.sites):
         raise ValueError(
             f"virtual node {index} has no site: {federation_file} lists {len(config.sites)} sites; "
@@ -131,7 +146,7 @@ def _descriptor(site: SiteData, pseudonyms: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def _build_model(site: SiteData, settings: RunSettings, message: Message, state: SiteState, heads: Path | None):
+def _build_model(site: SiteData, settings: RunSettings, message: Message, heads: Path | None) -> DeferredSegNet:
     if site.spec.in_channels != settings.network.in_channels:
         raise ValueError(
             f"site {site.site_id} has in-channels {site.spec.in_channels}, the federation uses "
@@ -206,7 +221,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         pseudonyms = state.pseudonyms(site.expert_ids)
         device = select_device(settings.train.device)
 
-        model = _build_model(site, settings, message, state, state.latest_heads(server_round))
+        model = _build_model(site, settings, message, state.latest_heads(server_round))
         sampler = PatchSampler(site.split("train"), settings.train.patch_size, settings.train.seed * 1000 + server_round)
         bounds = _bounds(config, pseudonyms) if settings.loss.load_balancing > 0 else None
         losses = train_epochs(
@@ -250,11 +265,24 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         device = select_device(settings.train.device)
 
         heads = state.heads_path(heads_round)
-        model = _build_model(site, settings, message, state, heads if heads.exists() else state.latest_heads(heads_round + 1))
+        if not heads.exists():
+            heads = state.latest_heads(heads_round + 1)
+        model = _build_model(site, settings, message, heads)
         priority = expert_priority(site.split("validation"), len(site.experts))
+        overlay_dir = state.root / "overlays" / f"{split}-round-{server_round:04d}"
+        sample_ids = {case.case_id for case in site.split(split)[:SAMPLE_OVERLAYS]}
+
+        def write_sample_overlay(case: Case, prob: torch.Tensor, routing: Routing) -> None:
+            if case.case_id in sample_ids:
+                model_pred = ((prob > FOREGROUND_THRESHOLD) & torch.as_tensor(case.roi)).numpy()
+                write_overlay(
+                    overlay_dir / f"{case.case_id}.png", case.image, case.reference, model_pred,
+                    routing.owner.numpy(), site.expert_ids,
+                )
+
         summary, _ = evaluate_cases(
             model, site.split(split), site.expert_ids, site.capacity, settings.train, device, priority,
-            prices=_prices(config, pseudonyms),
+            prices=_prices(config, pseudonyms), on_case=write_sample_overlay,
         )
         content = RecordDict(
             {

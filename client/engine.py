@@ -16,7 +16,7 @@ from common.config import TrainSettings
 from common.losses import LossWeights, deferredseg_loss
 from common.metrics import ImageEvaluation, evaluate_image, expert_accuracy, summarize
 from common.model import DeferredSegNet
-from common.routing import assign_with_capacity, softmax_scores
+from common.routing import Routing, assign_with_capacity, softmax_scores
 from common.site import Case
 
 logger = logging.getLogger(__name__)
@@ -234,6 +234,7 @@ def evaluate_cases(
     priority: Sequence[int],
     prices: Sequence[float] | None = None,
     channels: Sequence[int] | None = None,
+    on_case: Callable[[Case, torch.Tensor, Routing], None] | None = None,
 ) -> tuple[dict, list[ImageEvaluation]]:
     """Route and score every case; return the summary of :func:`common.metrics.summarize` and the per-image results.
 
@@ -244,6 +245,8 @@ def evaluate_cases(
         prices: capacity prices subtracted from the experts' routing scores; ``None`` means zero.
         channels: the network's expert channels that serve these experts, when the network has more
             (pooled training over several sites); ``None`` means channel k serves expert k.
+        on_case: called with each case, its foreground probability ``HW`` and its routing, for example to
+            draw overlays without a second forward pass.
     """
     capacity_tensor = torch.tensor(list(capacity), dtype=torch.float64)
     price_tensor = torch.tensor(list(prices), dtype=torch.float32) if prices is not None else None
@@ -256,6 +259,8 @@ def evaluate_cases(
         available = torch.as_tensor(case.expert_available)
         roi = torch.as_tensor(case.roi)
         routing = assign_with_capacity(scores, roi, capacity_tensor, available)
+        if on_case is not None:
+            on_case(case, prob, routing)
         evaluations.append(
             evaluate_image(
                 prob,

@@ -110,7 +110,7 @@ class FederationConfig:
     min_sites: int | None = None
     in_channels: int | None = None
     aggregation: str = "fedavg"
-    price_step: float = 0.5
+    price_step: float = 0.1
     workload_beta: float = 1.0
     load_balancing: float = 0.0
 
@@ -186,7 +186,7 @@ def parse_federation(raw: Mapping[str, Any], base_dir: Path, source: str = "fede
             min_sites=int(raw["min-sites"]) if "min-sites" in raw else None,
             in_channels=int(raw["in-channels"]) if "in-channels" in raw else None,
             aggregation=str(raw.get("aggregation", "fedavg")),
-            price_step=float(raw.get("price-step", 0.5)),
+            price_step=float(raw.get("price-step", 0.1)),
             workload_beta=float(raw.get("workload-beta", 1.0)),
             load_balancing=float(raw.get("load-balancing", 0.0)),
         )
@@ -315,3 +315,24 @@ def federation_settings(config: FederationConfig, in_channels: int) -> RunSettin
         loss=LossWeights(load_balancing=config.load_balancing),
         local_epochs=config.local_epochs,
     )
+
+
+# The built-in federation: 3 synthetic sites, sized to finish in minutes on two CPU cores.
+BUILTIN_SITES = 3
+BUILTIN_OPTIONS: dict[str, Any] = {
+    "rounds": 3,
+    "local-epochs": 4,
+    "steps-per-epoch": 25,
+    "batch-size": 8,
+    "patch-size": 48,
+    "inference-window": 64,
+}
+
+
+def builtin_federation(site_dirs: list[Path] | None, num_sites: int, seed: int) -> dict[str, Any]:
+    """Return the built-in federation as raw TOML values: site folders when given, site ids otherwise."""
+    if site_dirs is not None:
+        sites = [{"dir": str(Path(d).resolve())} for d in site_dirs]
+    else:
+        sites = [{"id": f"site-{index + 1}"} for index in range(num_sites)]
+    return {**BUILTIN_OPTIONS, "seed": seed, "sites": sites}

@@ -640,7 +640,7 @@ def _load_case(
 
     case = Case(
         case_id=case_id,
-        image=_normalize(image, roi),
+        image=normalize_image(image, roi),
         reference=reference,
         roi=roi,
         expert_masks=masks,
@@ -772,7 +772,7 @@ def _vote_reference(
     return (2 * votes > len(masks)).astype(np.uint8)
 
 
-def _normalize(image: np.ndarray, roi: np.ndarray) -> np.ndarray:
+def normalize_image(image: np.ndarray, roi: np.ndarray) -> np.ndarray:
     """Shift and scale each channel of a `CHW` image by its mean and standard deviation over the ROI."""
     # float64 statistics: a float32 sum over a few hundred thousand pixels drifts by about 1e-3.
     inside = image[:, roi].astype(np.float64)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -359,3 +361,25 @@ def write_synthetic_sites(
         n_sites, dst, seed, cases_per_site, image_size, image_size,
     )
     return site_dirs
+
+
+def builtin_sites(n_sites: int, seed: int, root: Path | None = None) -> list[Path]:
+    """Return the built-in synthetic sites for ``(n_sites, seed)``, writing them on first use.
+
+    Several site processes may call this at once (each virtual node of a Flower-native simulation does), so
+    the sites are written into a private folder and moved into place with one rename; a process that loses
+    the race uses the winner's identical copy.
+    """
+    base = Path(root) if root is not None else Path(tempfile.gettempdir()) / "deferredseg-builtin"
+    final = base / f"sites-{n_sites}-seed-{seed}"
+    if not final.is_dir():
+        base.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".writing-", dir=base))
+        write_synthetic_sites(scratch / "sites", n_sites=n_sites, seed=seed)
+        try:
+            os.rename(scratch / "sites", final)
+        except OSError:
+            if not final.is_dir():
+                raise
+        shutil.rmtree(scratch, ignore_errors=True)
+    return [final / f"site-{index + 1}" for index in range(n_sites)]

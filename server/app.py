@@ -1,7 +1,8 @@
 """Flower ServerApp of the coordinator: site registry, FedAvg over shared weights, history and final report.
 
-Run config keys: ``federation`` (the federation TOML file) and ``run-dir`` (the run folder; its name is the
-run name that sites use for their local state). ``connect-timeout`` (seconds, default 300) bounds the wait
+Run config keys: ``federation`` (the federation TOML file; empty trains the built-in synthetic federation of
+``num-sites`` sites, which only a simulation can serve) and ``run-dir`` (the run folder, by default
+``~/.deferredseg/runs/run-<run id>``; its name is the run name that sites use for their local state). ``connect-timeout`` (seconds, default 300) bounds the wait
 for every site of the federation to connect at the start, and ``round-timeout`` (seconds, default 3600)
 bounds each round. ``resume`` (true/false) continues a run folder from its last completed round.
 """
@@ -20,7 +21,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import FederationConfig, federation_settings, load_federation
+from common.config import (
+    BUILTIN_SITES,
+    FederationConfig,
+    builtin_federation,
+    federation_settings,
+    load_federation,
+    parse_federation,
+)
 from common.model import DeferredSegNet, shared_state
 from common.weights import load_weights
 from server.checkpoints import latest_checkpoint, truncate_history
@@ -206,15 +214,21 @@ def build_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         federation_file = _option(context, defaults, "federation")
-        run_dir = _option(context, defaults, "run-dir")
-        if not federation_file or not run_dir:
-            raise ValueError("the run config needs federation=FILE and run-dir=DIR")
+        run_dir = _option(context, defaults, "run-dir") or Path.home() / ".deferredseg" / "runs" / f"run-{context.run_id}"
+        if federation_file:
+            federation = load_federation(Path(str(federation_file)))
+        else:
+            num_sites = int(_option(context, defaults, "num-sites", BUILTIN_SITES))
+            raw = builtin_federation(None, num_sites, int(_option(context, defaults, "seed", 0)))
+            federation = parse_federation(raw, base_dir=Path.cwd(), source="built-in federation")
+            logger.info("no federation file: training the built-in synthetic federation of %d sites", num_sites)
+        logger.info("run folder %s", run_dir)
         options = {
             key: _option(context, defaults, key)
             for key in ("connect-timeout", "round-timeout", "resume")
             if _option(context, defaults, key) is not None
         }
-        run_federation(grid, load_federation(Path(str(federation_file))), Path(str(run_dir)), options)
+        run_federation(grid, federation, Path(str(run_dir)), options)
 
     return app
 

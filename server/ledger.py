@@ -15,11 +15,13 @@ class LedgerConfig:
     Args:
         price_step: step size eta of the price update ``price <- max(0, price + eta * (demand - capacity))``.
             Demand and capacity are fractions of ROI pixels and prices are subtracted from routing scores, so
-            with eta = 0.5 an expert asked for 20 points more than their capacity gets 0.1 higher price.
+            with eta = 0.1 an expert asked for 20 points more than their capacity gets a 0.02 higher price.
+            On DRIVE and CHASE_DB1 a step of 0.5 cut demand to almost nothing within one round, hence the
+            smaller default.
         workload_beta: beta of the workload-aware aggregation weight ``n * (1 + beta * max(0, P - 1))``.
     """
 
-    price_step: float = 0.5
+    price_step: float = 0.1
     workload_beta: float = 1.0
 
     def __post_init__(self) -> None:

@@ -30,7 +30,9 @@ def real_expert_ids(sites):
 
 
 def test_two_rounds_prices_follow_pressure(tmp_path, tiny_sites):
-    federation = write_federation(tmp_path / "fed.toml", tiny_sites, rounds=2, aggregation="workload-aware")
+    federation = write_federation(
+        tmp_path / "fed.toml", tiny_sites, rounds=2, aggregation="workload-aware", **{"price-step": 0.5}
+    )
     run_dir = tmp_path / "run"
     result = run_faulty(federation, run_dir)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -61,7 +61,10 @@ def test_two_sites_one_round(tmp_path, tiny_sites):
 
     # Each site kept its local heads under the run name, in its own state folder.
     for index in (1, 2):
-        assert (run_dir / "state" / f"site-{index}" / "run" / "heads" / "round-0001.safetensors").exists()
+        site_state = run_dir / "state" / f"site-{index}" / "run"
+        assert (site_state / "heads" / "round-0001.safetensors").exists()
+        # Sample overlays stay in the site's state folder.
+        assert len(list((site_state / "overlays" / "test-round-0002").glob("*.png"))) == 2
 
     # No real expert id reaches the coordinator's files.
     text = (run_dir / "history.jsonl").read_text() + (run_dir / "summary.json").read_text()

@@ -20,6 +20,9 @@ for _name, _value in (
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every subcommand."""
+    from cli.certs import add_certs_parser
+    from cli.node import add_node_parser
+    from cli.predict import add_predict_parser
     from cli.simulate import add_simulate_parser
     from cli.site_cmd import add_site_parser
     from cli.train import add_train_parser
@@ -33,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_parser(subparsers)
     add_train_parser(subparsers)
     add_site_parser(subparsers)
+    add_predict_parser(subparsers)
+    add_certs_parser(subparsers)
+    add_node_parser(subparsers)
     return parser
 
 

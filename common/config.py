@@ -36,7 +36,7 @@ class TrainSettings:
         device: ``"auto"`` (CUDA with mixed precision when present, CPU otherwise), ``"cpu"`` or ``"cuda"``.
     """
 
-    epochs: int = 30
+    epochs: int = 20
     steps_per_epoch: int = 40
     batch_size: int = 8
     patch_size: int = 64

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -224,9 +225,11 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         model = _build_model(site, settings, message, state.latest_heads(server_round))
         sampler = PatchSampler(site.split("train"), settings.train.patch_size, settings.train.seed * 1000 + server_round)
         bounds = _bounds(config, pseudonyms) if settings.loss.load_balancing > 0 else None
+        started = time.perf_counter()
         losses = train_epochs(
             model, sampler, settings.train, settings.loss, settings.local_epochs, device, bounds=bounds
         )
+        train_seconds = time.perf_counter() - started
         save_weights(state.heads_path(server_round), local_state(model))
 
         priority = expert_priority(site.split("validation"), len(site.experts))
@@ -244,7 +247,11 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
                 "arrays": ArrayRecord(shared_state(model)),
                 "metrics": _metrics(summary, len(site.split("train"))),
                 "site": ConfigRecord(
-                    {"site-id": site.site_id, "summary": json.dumps(_public_summary(summary, pseudonyms))}
+                    {
+                        "site-id": site.site_id,
+                        "summary": json.dumps(_public_summary(summary, pseudonyms)),
+                        "train-seconds": train_seconds,
+                    }
                 ),
             }
         )

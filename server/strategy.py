@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,9 @@ class RoundRecord:
     excluded: dict[str, str] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
     bounds: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    bytes_sent: int = 0
+    bytes_received: int = 0
 
 
 class SharedFedAvg(FedAvg):
@@ -145,6 +149,7 @@ class SharedFedAvg(FedAvg):
             site_config["bounds"] = json.dumps(bounds)
             if message_type == MessageType.TRAIN:
                 self._record(server_round).bounds[info.site_id] = bounds
+                self._record(server_round).bytes_sent += arrays.count_bytes()
             record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: site_config})
             messages.append(Message(content=record, message_type=message_type, dst_node_id=node_id))
         return messages
@@ -204,7 +209,9 @@ class SharedFedAvg(FedAvg):
             summary = json.loads(str(reply.content.config_records["site"]["summary"]))
             num_examples = int(reply.content.metric_records["metrics"]["num-examples"])
             summary["num_examples"] = num_examples
+            summary["train_seconds"] = float(reply.content.config_records["site"].get("train-seconds", 0.0))
             summary["experts"] = self.ledger.record(server_round, site_id, summary["experts"])
+            record.bytes_received += reply.content.array_records[self.arrayrecord_key].count_bytes()
             record.sites[site_id] = summary
 
             weight = float(num_examples)
@@ -265,6 +272,11 @@ class SharedFedAvg(FedAvg):
             },
             "federation": federation,
             "excluded": record.excluded,
+            "timing": {
+                "round_seconds": time.perf_counter() - record.started,
+                "max_train_seconds": max((s.get("train_seconds", 0.0) for s in record.sites.values()), default=0.0),
+            },
+            "bytes": {"sent": record.bytes_sent, "received": record.bytes_received},
         }
         with open(self.run_dir / "history.jsonl", "a", encoding="utf-8") as history:
             history.write(json.dumps(line) + "\n")
@@ -306,6 +318,7 @@ def _history_entry(
         "model_dice": train_summary["model_dice"],
         "system_dice": train_summary["system_dice"],
         "deferral_rate": train_summary["deferral_rate"],
+        "train_seconds": train_summary.get("train_seconds"),
         "aggregation_weight": weight,
         "bounds": bounds,
         "experts": train_summary["experts"],

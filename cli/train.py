@@ -9,6 +9,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,7 +17,16 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from cli.report import format_site_table
-from client.engine import PatchSampler, evaluate_cases, expert_priority, select_device, train_epochs
+from client.engine import (
+    PatchSampler,
+    evaluate_cases,
+    expert_priority,
+    fit_validation_prices,
+    routing_cases,
+    select_device,
+    train_correctness,
+    train_epochs,
+)
 from client.sitedata import SiteData, open_site, pool_cases
 from common.config import TrainSettings, to_plain
 from common.losses import LossWeights
@@ -47,6 +57,18 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of initialization and sampling")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
     parser.add_argument(
+        "--router",
+        default=TrainSettings.router,
+        choices=["softmax", "benefit"],
+        help="routing rule: softmax (DeferredSeg's routing channels) or benefit (per-agent correctness heads)",
+    )
+    parser.add_argument(
+        "--calibration-epochs",
+        type=int,
+        default=TrainSettings.calibration_epochs,
+        help="epochs of the benefit router's correctness heads on the calibration split",
+    )
+    parser.add_argument(
         "--load-balancing",
         type=float,
         default=0.0,
@@ -66,6 +88,8 @@ def run_train(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate,
         seed=args.seed,
         device=args.device,
+        router=args.router,
+        calibration_epochs=args.calibration_epochs,
     )
     out_dir = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
     weights = LossWeights(load_balancing=args.load_balancing)
@@ -100,8 +124,12 @@ def train_sites(
     """Train one network on the pooled train splits of ``sites``; write and return ``summary.json``.
 
     Each site's experts take their own routing channels. After every epoch the network is scored on the
-    validation splits, and the epoch with the best mean validation system Dice is kept. Only that network
-    is scored on the test splits.
+    validation splits, and the epoch with the best mean validation system Dice is kept (model Dice with the
+    benefit router, whose heads are trained only afterwards). Only that network is scored on the test splits.
+
+    With the benefit router, a second stage trains the correctness heads on the calibration splits with the
+    segmentor fixed, then fits each site's capacity prices on its validation split, so that demand stays
+    within capacity; the test split is routed with those prices.
     """
     in_channels = {s.spec.in_channels for s in sites}
     if len(in_channels) != 1:
@@ -118,18 +146,23 @@ def train_sites(
 
     train_cases = pool_cases([s.split("train") for s in sites], counts)
     sampler = PatchSampler(train_cases, settings.patch_size, settings.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.Adam(
+        model.segmentor_parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
     priorities = [expert_priority(s.split("validation"), len(s.experts)) for s in sites]
+
+    selection_key = "model_dice" if settings.router == "benefit" else "system_dice"
+    selection_settings = replace(settings, router="softmax")
 
     def validate() -> float:
         scores = []
         for site, offset, priority in zip(sites, offsets, priorities):
             channels = list(range(offset, offset + len(site.experts)))
             result, _ = evaluate_cases(
-                model, site.split("validation"), site.expert_ids, site.capacity, settings, device, priority,
-                channels=channels,
+                model, site.split("validation"), site.expert_ids, site.capacity, selection_settings, device,
+                priority, channels=channels,
             )
-            scores.append(result["system_dice"])
+            scores.append(result[selection_key])
         return sum(scores) / len(scores)
 
     best_score, best_state, best_epoch = -1.0, None, -1
@@ -139,16 +172,31 @@ def train_sites(
         score = validate()
         if score > best_score:
             best_score, best_state, best_epoch = score, copy.deepcopy(model.state_dict()), epoch
-        bar.set_postfix(loss=f"{sum(losses.values()):.3f}", val_system_dice=f"{score:.3f}", best=best_epoch + 1)
-        logger.info("epoch %d: losses %s, validation system Dice %.4f", epoch + 1, losses, score)
+        bar.set_postfix(loss=f"{losses['total']:.3f}", **{f"val_{selection_key}": f"{score:.3f}"}, best=best_epoch + 1)
+        logger.info("epoch %d: losses %s, validation %s %.4f", epoch + 1, losses, selection_key, score)
 
     model.load_state_dict(best_state)
+    prices: list[list[float] | None] = [None] * len(sites)
+    if settings.router == "benefit":
+        routing_data = pool_cases([routing_cases(s.split("calibration"), s.split("train")) for s in sites], counts)
+        calibration_sampler = PatchSampler(routing_data, settings.patch_size, settings.seed + 1)
+        loss = train_correctness(model, calibration_sampler, settings, settings.calibration_epochs, device)
+        logger.info("correctness heads trained on %d calibration cases, loss %.4f", len(routing_data), loss)
+        for index, (site, offset) in enumerate(zip(sites, offsets)):
+            channels = list(range(offset, offset + len(site.experts)))
+            prices[index] = fit_validation_prices(
+                model, site.split("validation"), site.capacity, settings, device, channels=channels
+            )
+
     site_results = {}
-    for site, offset, priority in zip(sites, offsets, priorities):
+    for site, offset, priority, site_prices in zip(sites, offsets, priorities, prices):
         channels = list(range(offset, offset + len(site.experts)))
         result, _ = evaluate_cases(
-            model, site.split("test"), site.expert_ids, site.capacity, settings, device, priority, channels=channels
+            model, site.split("test"), site.expert_ids, site.capacity, settings, device, priority,
+            prices=site_prices, channels=channels,
         )
+        result["router"] = settings.router
+        result["prices"] = dict(zip(site.expert_ids, site_prices or [0.0] * len(site.experts)))
         site_results[site.site_id] = result
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.engine import Bounds, PatchSampler, evaluate_cases, expert_priority, select_device, train_epochs
+from client.engine import (
+    Bounds,
+    PatchSampler,
+    evaluate_cases,
+    expert_priority,
+    routing_cases,
+    select_device,
+    train_correctness,
+    train_epochs,
+)
 from client.overlays import write_overlay
 from client.sitedata import SiteData, open_site
 from common.config import BUILTIN_SITES, RunSettings, load_federation
@@ -229,6 +238,12 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         losses = train_epochs(
             model, sampler, settings.train, settings.loss, settings.local_epochs, device, bounds=bounds
         )
+        if settings.train.router == "benefit":
+            # Second stage: the correctness heads learn where each agent is right on routing data that the
+            # segmentor never trained on.
+            routing_data = routing_cases(site.split("calibration"), site.split("train"))
+            calibration = PatchSampler(routing_data, settings.train.patch_size, settings.train.seed * 1000 + server_round + 1)
+            train_correctness(model, calibration, settings.train, settings.train.calibration_epochs, device)
         train_seconds = time.perf_counter() - started
         save_weights(state.heads_path(server_round), local_state(model))
 

@@ -6,6 +6,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from common.config import TrainSettings
 from common.losses import LossWeights, deferredseg_loss
 from common.metrics import ImageEvaluation, evaluate_image, expert_accuracy, summarize
 from common.model import DeferredSegNet
-from common.routing import Routing, assign_with_capacity, softmax_scores
+from common.routing import Routing, assign_with_capacity, fit_prices, routing_scores
 from common.site import Case
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,9 @@ def train_epochs(
     """
     model.to(device).train()
     if optimizer is None:
-        optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+        optimizer = torch.optim.Adam(
+            model.segmentor_parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
+        )
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     lower = bounds.lower.to(device) if bounds is not None else None
@@ -174,6 +177,75 @@ def train_epochs(
     return epoch_losses
 
 
+def correctness_loss(out_seg_logit: torch.Tensor, correctness_logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean one-vs-all BCE of the correctness heads over the ROI; an expert counts only where available.
+
+    Targets: the model is right where ``(seg_logit > 0) == reference``; expert k where its mask equals the
+    reference.
+    """
+    reference = batch["reference"]
+    roi = batch["roi"]
+    model_right = ((out_seg_logit > 0).float() == reference).float()
+    expert_right = (batch["experts"] == reference).float()
+    targets = torch.cat([expert_right, model_right], dim=1)
+
+    num_experts = batch["experts"].shape[1]
+    weight = roi.expand_as(targets).clone()
+    if num_experts:
+        weight[:, :num_experts] *= batch["available"].float()[:, :, None, None]
+    per_pixel = torch.nn.functional.binary_cross_entropy_with_logits(correctness_logits, targets, reduction="none")
+    return (per_pixel * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def train_correctness(
+    model: DeferredSegNet,
+    sampler: PatchSampler,
+    settings: TrainSettings,
+    epochs: int,
+    device: torch.device,
+) -> float:
+    """Train only the correctness heads, with the segmentor fixed; return the last epoch's mean loss.
+
+    The sampler must draw from routing data (the calibration split), where the model errs as it does on new
+    images; on its own training patches the model is almost always right, and the heads would learn that.
+    """
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.correctness.parameters(), lr=settings.learning_rate)
+    mean_loss = float("nan")
+    for _ in range(epochs):
+        total = 0.0
+        for _ in range(settings.steps_per_epoch):
+            batch = {k: v.to(device) for k, v in sampler.sample(settings.batch_size).items()}
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                features = model.backbone(batch["image"])
+                seg_logit = model.seg_head(features)
+            logits = model.correctness(batch["image"], seg_logit)
+            loss = correctness_loss(seg_logit, logits, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"correctness loss became {loss.item()}; lower learning-rate")
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+        mean_loss = total / settings.steps_per_epoch
+    return mean_loss
+
+
+def routing_cases(calibration: Sequence[Case], train: Sequence[Case]) -> list[Case]:
+    """Return the routing data of the benefit router: the calibration split, never validation or test.
+
+    Raises:
+        ValueError: when the site has no calibration split. NOTE: cross-fitting within the training split,
+            the fallback for sites too small to spare calibration cases, is not built yet.
+    """
+    if not calibration:
+        raise ValueError(
+            "the benefit router trains its correctness heads on the calibration split, which is empty; move a "
+            "few training cases to calibration in site.toml, or use router = \"softmax\""
+        )
+    return list(calibration)
+
+
 def _window_size(height: int, width: int, settings: TrainSettings, factor: int) -> tuple[int, int]:
     def fit(size: int) -> int:
         return min(settings.inference_window, int(math.ceil(size / factor) * factor))
@@ -181,16 +253,25 @@ def _window_size(height: int, width: int, settings: TrainSettings, factor: int) 
     return fit(height), fit(width)
 
 
-@torch.no_grad()
-def predict(
-    model: DeferredSegNet, image: np.ndarray, settings: TrainSettings, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run sliding-window inference on one ``CHW`` image.
+class Prediction(NamedTuple):
+    """Network outputs for one image, on the CPU.
 
-    Returns:
-        The foreground probability ``HW``, the routing logits ``(K+1)HW`` and the deferral probability ``HW``,
-        on the CPU.
+    Attributes:
+        prob: foreground probability ``HW``.
+        routing_logits: ``(K+1)HW``, model channel last.
+        deferral_prob: deferral-predictor probability ``HW``.
+        correctness_logits: ``(K+1)HW`` logits of "this agent is right", model channel last.
     """
+
+    prob: torch.Tensor
+    routing_logits: torch.Tensor
+    deferral_prob: torch.Tensor
+    correctness_logits: torch.Tensor
+
+
+@torch.no_grad()
+def predict(model: DeferredSegNet, image: np.ndarray, settings: TrainSettings, device: torch.device) -> Prediction:
+    """Run sliding-window inference on one ``CHW`` image."""
     model.to(device).eval()
     tensor = torch.as_tensor(image, dtype=torch.float32)[None].to(device)
     window = _window_size(tensor.shape[-2], tensor.shape[-1], settings, model.config.downsampling_factor)
@@ -198,13 +279,17 @@ def predict(
     def predictor(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
             out = model(x)
-        return torch.cat([out.seg_logit, out.routing_logits, out.deferral_logit], dim=1).float()
+        channels = [out.seg_logit, out.routing_logits, out.deferral_logit, out.correctness_logits]
+        return torch.cat(channels, dim=1).float()
 
     stacked = sliding_window_inference(tensor, window, sw_batch_size=4, predictor=predictor, overlap=0.25)[0].cpu()
-    prob = torch.sigmoid(stacked[0])
-    routing_logits = stacked[1:-1]
-    deferral_prob = torch.sigmoid(stacked[-1])
-    return prob, routing_logits, deferral_prob
+    agents = model.num_experts + 1
+    return Prediction(
+        prob=torch.sigmoid(stacked[0]),
+        routing_logits=stacked[1 : 1 + agents],
+        deferral_prob=torch.sigmoid(stacked[1 + agents]),
+        correctness_logits=stacked[2 + agents :],
+    )
 
 
 def expert_priority(cases: Sequence[Case], num_experts: int) -> list[int]:
@@ -252,10 +337,11 @@ def evaluate_cases(
     price_tensor = torch.tensor(list(prices), dtype=torch.float32) if prices is not None else None
     evaluations = []
     for case in cases:
-        prob, routing_logits, _ = predict(model, case.image, settings, device)
+        prob, routing_logits, _, correctness_logits = predict(model, case.image, settings, device)
         if channels is not None:
             routing_logits = routing_logits[[*channels, routing_logits.shape[0] - 1]]
-        scores = softmax_scores(routing_logits, price_tensor)
+            correctness_logits = correctness_logits[[*channels, correctness_logits.shape[0] - 1]]
+        scores = routing_scores(settings.router, routing_logits, correctness_logits, price_tensor)
         available = torch.as_tensor(case.expert_available)
         roi = torch.as_tensor(case.roi)
         routing = assign_with_capacity(scores, roi, capacity_tensor, available)
@@ -275,3 +361,25 @@ def evaluate_cases(
             )
         )
     return summarize(evaluations, list(expert_ids), list(capacity)), evaluations
+
+
+def fit_validation_prices(
+    model: DeferredSegNet,
+    cases: Sequence[Case],
+    capacity: Sequence[float],
+    settings: TrainSettings,
+    device: torch.device,
+    channels: Sequence[int] | None = None,
+) -> list[float]:
+    """Fit capacity prices on ``cases`` (the validation split) so each expert's demand stays within capacity."""
+    scores, rois, available = [], [], []
+    for case in cases:
+        _, routing_logits, _, correctness_logits = predict(model, case.image, settings, device)
+        if channels is not None:
+            routing_logits = routing_logits[[*channels, routing_logits.shape[0] - 1]]
+            correctness_logits = correctness_logits[[*channels, correctness_logits.shape[0] - 1]]
+        scores.append(routing_scores(settings.router, routing_logits, correctness_logits))
+        rois.append(torch.as_tensor(case.roi))
+        available.append(torch.as_tensor(case.expert_available))
+    prices = fit_prices(scores, rois, torch.tensor(list(capacity), dtype=torch.float64), available)
+    return [float(p) for p in prices]

@@ -321,7 +321,7 @@ def predict_image(predictor: SitePredictor, item: PredictionInput) -> ImagePredi
         )
 
     device = next(predictor.model.parameters()).device
-    prob, routing_logits, _ = predict(predictor.model, item.image, predictor.settings.train, device)
+    prob, routing_logits, _, _ = predict(predictor.model, item.image, predictor.settings.train, device)
     roi = torch.as_tensor(item.roi, dtype=torch.bool)
     model_pred = (prob > FOREGROUND_THRESHOLD) & roi
 

@@ -34,6 +34,9 @@ class TrainSettings:
         inference_window: side of the sliding window at inference, in pixels.
         seed: seed of weight initialization and patch sampling.
         device: ``"auto"`` (CUDA with mixed precision when present, CPU otherwise), ``"cpu"`` or ``"cuda"``.
+        router: ``"softmax"`` (DeferredSeg's routing channels, scored by their probabilities) or
+            ``"benefit"`` (per-agent correctness heads, scored by P(expert right) - P(model right)).
+        calibration_epochs: epochs of the benefit router's second stage on the calibration split.
     """
 
     epochs: int = 20
@@ -45,6 +48,8 @@ class TrainSettings:
     inference_window: int = 128
     seed: int = 0
     device: str = "auto"
+    router: str = "softmax"
+    calibration_epochs: int = 5
 
     def __post_init__(self) -> None:
         for name in ("epochs", "steps_per_epoch", "batch_size", "patch_size", "inference_window"):
@@ -52,6 +57,10 @@ class TrainSettings:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning-rate must be positive, got {self.learning_rate}")
+        if self.router not in ("softmax", "benefit"):
+            raise ValueError(f"router must be softmax or benefit, got {self.router!r}")
+        if self.calibration_epochs < 0:
+            raise ValueError(f"calibration-epochs must be >= 0, got {self.calibration_epochs}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

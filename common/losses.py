@@ -242,22 +242,33 @@ def spatial_coherence(deferral_prob: Tensor, roi: Tensor) -> Tensor:
     return (vertical.sum() + horizontal.sum()) / n_pairs
 
 
-def load_balancing(routing_logits: Tensor, roi: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
+def load_balancing(
+    routing_logits: Tensor, roi: Tensor, lower: Tensor, upper: Tensor, temperature: float = 1.0
+) -> Tensor:
     """Penalize expert channels whose mean routing probability leaves [lower_k, upper_k].
 
     Returns `sum_k relu(mean_roi(pi_k) - upper_k) + relu(lower_k - mean_roi(pi_k))` over the expert channels,
-    where the mean runs over all ROI pixels of the batch. The model channel has no bound. The coordinator
-    sends the bounds each round (upper_k = capacity_k, lower_k = 0).
+    where the mean runs over all ROI pixels of the batch and `pi = softmax(r / temperature)`. The model channel
+    has no bound. The coordinator sends the bounds each round (upper_k = capacity_k, lower_k = 0).
+
+    With temperature 1 this is DeferredSeg's term on soft probabilities. An accurate expert then holds a
+    large share of probability on almost every pixel, and an upper bound at capacity level pushes that
+    expert's channel below the model channel everywhere, so argmax never defers. A low temperature sharpens
+    pi towards the argmax, so the mean approaches the realized (hard) load: the bound then acts only on
+    pixels near the routing decision and stops once the hard load fits the capacity.
 
     Args:
         routing_logits: routing logits `B(K+1)HW`, model channel last.
         roi: region of interest `B1HW`, float or bool in {0, 1}.
         lower: lower bounds, shape `K`, in [0, 1].
         upper: upper bounds, shape `K`, in [0, 1] and >= lower.
+        temperature: softmax temperature, > 0; 1 is DeferredSeg's soft form.
 
     Returns:
         Scalar loss (0 when K = 0).
     """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
     batch, n_experts, height, width = _routing_shape(routing_logits)
     _check_shape("roi", roi, (batch, 1, height, width))
     _check_shape("lower", lower, (n_experts,))
@@ -271,7 +282,7 @@ def load_balancing(routing_logits: Tensor, roi: Tensor, lower: Tensor, upper: Te
     if n_experts == 0:
         return routing_logits.new_zeros(())
 
-    pi = torch.softmax(routing_logits, dim=1)[:, :n_experts]
+    pi = torch.softmax(routing_logits / temperature, dim=1)[:, :n_experts]
     mean_pi = (pi * roi).sum(dim=(0, 2, 3)) / roi.sum().clamp(min=1)
     lower = lower.to(device=mean_pi.device, dtype=mean_pi.dtype)
     upper = upper.to(device=mean_pi.device, dtype=mean_pi.dtype)
@@ -290,9 +301,11 @@ class LossWeights:
     deferral: deferral predictor loss.
     coherence: total variation of q = sigmoid(d).
     load_balancing: soft bounds on the mean expert routing probability. It is off (0.0) by default, because an
-        upper bound at capacity level on the mean probability pushes every expert channel below the model
+        upper bound at capacity level on the mean soft probability pushes every expert channel below the model
         channel, and then argmax never defers. Capacity is enforced by the capacity-constrained routing at
         inference instead.
+    load_balancing_temperature: softmax temperature of the load-balancing term. The default 0.1 applies the
+        bounds to nearly hard loads, so the term no longer stops all deferral; 1.0 is DeferredSeg's form.
     wrong_expert_penalty: add the bounded wrong-expert penalty to the surrogate.
     deferral_mse_weight: weight of the squared error inside the deferral predictor loss.
     deferral_sparsity_weight: weight of mean(q) inside the deferral predictor loss.
@@ -303,6 +316,7 @@ class LossWeights:
     deferral: float = 0.5
     coherence: float = 0.1
     load_balancing: float = 0.0
+    load_balancing_temperature: float = 0.1
     wrong_expert_penalty: bool = False
     deferral_mse_weight: float = 1.0
     deferral_sparsity_weight: float = 0.01
@@ -312,6 +326,10 @@ class LossWeights:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"LossWeights.{name}={value} is invalid, use a finite value >= 0")
+        if not self.load_balancing_temperature > 0:
+            raise ValueError(
+                f"LossWeights.load_balancing_temperature={self.load_balancing_temperature} is invalid, use a value > 0"
+            )
         if not any(getattr(self, name) > 0 for name in TERM_NAMES):
             raise ValueError(f"all term weights {TERM_NAMES} are 0, give at least one a positive weight")
 
@@ -368,7 +386,9 @@ def deferredseg_loss(
         terms["coherence"] = spatial_coherence(torch.sigmoid(deferral_logit), roi)
     if weights.load_balancing > 0:
         assert lower is not None and upper is not None
-        terms["load_balancing"] = load_balancing(routing_logits, roi, lower, upper)
+        terms["load_balancing"] = load_balancing(
+            routing_logits, roi, lower, upper, temperature=weights.load_balancing_temperature
+        )
 
     total = sum((getattr(weights, name) * value for name, value in terms.items()), start=seg_logit.new_zeros(()))
     values = {name: float(value.detach()) for name, value in terms.items()}

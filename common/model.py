@@ -13,7 +13,7 @@ BACKBONES = ("unet", "basicunet")
 
 # Parameter-name prefixes of the two groups. Everything not under a local prefix is shared, so a new
 # shared layer cannot be left out of aggregation by accident.
-LOCAL_PREFIXES = ("expert_heads.",)
+LOCAL_PREFIXES = ("expert_heads.", "correctness.expert_heads.")
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,14 @@ class DeferredSegOutput:
         seg_logit: segmentation logit ``B1HW``.
         routing_logits: ``B(K+1)HW``; channels ``0..K-1`` are the experts, channel ``K`` (the last) is the model.
         deferral_logit: deferral-predictor logit ``B1HW``.
+        correctness_logits: ``B(K+1)HW`` logits of "this agent is right on this pixel", experts first and the
+            model last (the benefit router's heads).
     """
 
     seg_logit: torch.Tensor
     routing_logits: torch.Tensor
     deferral_logit: torch.Tensor
+    correctness_logits: torch.Tensor
 
 
 def _build_backbone(config: NetworkConfig) -> nn.Module:
@@ -95,6 +98,44 @@ def _build_backbone(config: NetworkConfig) -> nn.Module:
     )
 
 
+class CorrectnessHeads(nn.Module):
+    """One sigmoid per agent estimating whether that agent is right on each pixel (one-vs-all).
+
+    Verma and Nalisnick (2022) calibrate learning to defer this way. The inputs are the image and the
+    segmentor's own confidence: the foreground probability p, |p - 0.5| and the logit, all detached, so
+    training these heads never changes the segmentor. A small dilated trunk gives each pixel about 15 pixels
+    of context. The trunk and the model head are shared; the expert heads are site-local.
+
+    Args:
+        in_channels: image channels.
+        num_experts: K.
+        width: channels of the trunk.
+    """
+
+    def __init__(self, in_channels: int, num_experts: int, width: int = 16) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(in_channels + 3, width, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, width, kernel_size=3, padding=2, dilation=2),
+            nn.ReLU(),
+            nn.Conv2d(width, width, kernel_size=3, padding=4, dilation=4),
+            nn.ReLU(),
+        )
+        self.model_head = nn.Conv2d(width, 1, kernel_size=1)
+        self.expert_heads = nn.Conv2d(width, num_experts, kernel_size=1) if num_experts else None
+
+    def forward(self, image: torch.Tensor, seg_logit: torch.Tensor) -> torch.Tensor:
+        """Return ``B(K+1)HW`` correctness logits, experts first and the model last."""
+        logit = seg_logit.detach()
+        prob = torch.sigmoid(logit)
+        features = self.trunk(torch.cat([image, prob, (prob - 0.5).abs(), logit], dim=1))
+        model = self.model_head(features)
+        if self.expert_heads is None:
+            return model
+        return torch.cat([self.expert_heads(features), model], dim=1)
+
+
 class DeferredSegNet(nn.Module):
     """Segmentation network that also learns, per pixel, whether to defer to one of K experts.
 
@@ -103,7 +144,9 @@ class DeferredSegNet(nn.Module):
 
     - ``seg_head`` (1 channel), ``model_route_head`` (1) and ``deferral_head`` (1) are shared across sites;
     - ``expert_heads`` (K channels, one per local expert) are site-local, because they describe named clinicians
-      and are trained only by their own site.
+      and are trained only by their own site;
+    - ``correctness`` (:class:`CorrectnessHeads`) estimates, per agent, whether it is right; its expert heads
+      are site-local and the rest is shared. It is trained in a second stage, with the segmentor fixed.
 
     Args:
         config: architecture shared by the federation.
@@ -122,6 +165,11 @@ class DeferredSegNet(nn.Module):
         self.model_route_head = nn.Conv2d(config.features, 1, kernel_size=1)
         self.deferral_head = nn.Conv2d(config.features, 1, kernel_size=1)
         self.expert_heads = nn.Conv2d(config.features, num_experts, kernel_size=1) if num_experts else None
+        self.correctness = CorrectnessHeads(config.in_channels, num_experts)
+
+    def segmentor_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained by the DeferredSeg losses: everything but the correctness heads."""
+        return [p for name, p in self.named_parameters() if not name.startswith("correctness.")]
 
     def forward(self, image: torch.Tensor) -> DeferredSegOutput:
         """Run the network on a ``BCHW`` image batch whose H and W are multiples of the downsampling factor."""
@@ -132,7 +180,8 @@ class DeferredSegNet(nn.Module):
             routing_logits = torch.cat([self.expert_heads(features), model_route], dim=1)
         else:
             routing_logits = model_route
-        return DeferredSegOutput(seg_logit, routing_logits, self.deferral_head(features))
+        correctness_logits = self.correctness(image, seg_logit)
+        return DeferredSegOutput(seg_logit, routing_logits, self.deferral_head(features), correctness_logits)
 
 
 def is_local_parameter(name: str) -> bool:

@@ -8,7 +8,7 @@ import torch
 
 from common.metrics import MODEL_OWNER, capacity_budget
 
-ROUTERS = ("softmax",)
+ROUTERS = ("softmax", "benefit")
 
 
 @dataclass
@@ -41,6 +41,112 @@ def softmax_scores(routing_logits: torch.Tensor, prices: torch.Tensor | None = N
         scores = scores.clone()
         scores[:-1] -= prices.to(scores).view(-1, 1, 1)
     return scores
+
+
+def benefit_scores(correctness_logits: torch.Tensor, prices: torch.Tensor | None = None) -> torch.Tensor:
+    """Score each expert by the estimated benefit of deferring to them, minus their capacity price.
+
+    The benefit of sending a pixel to expert k is ``P(k right) - P(model right)``, both from the per-agent
+    correctness heads. The model channel scores 0, so a pixel leaves the model only where some expert's
+    benefit minus price is positive: capacity is a maximum, and an expert who never helps stays idle.
+
+    Args:
+        correctness_logits: ``(K+1)HW`` logits of "this agent is right", experts first and the model last.
+        prices: ``K`` non-negative capacity prices; ``None`` means zero.
+
+    Returns:
+        ``(K+1)HW`` scores, model channel last.
+    """
+    right = torch.sigmoid(correctness_logits.float())
+    scores = right - right[-1:]
+    if prices is not None and prices.numel():
+        scores[:-1] -= prices.to(scores).view(-1, 1, 1)
+    scores[-1] = 0.0
+    return scores
+
+
+def routing_scores(
+    router: str,
+    routing_logits: torch.Tensor,
+    correctness_logits: torch.Tensor,
+    prices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Return the ``(K+1)HW`` scores of ``router``: ``"softmax"`` (DeferredSeg) or ``"benefit"``."""
+    if router == "softmax":
+        return softmax_scores(routing_logits, prices)
+    if router == "benefit":
+        return benefit_scores(correctness_logits, prices)
+    raise ValueError(f"unknown router {router!r}; choose one of {', '.join(ROUTERS)}")
+
+
+def fit_prices(
+    scores: list[torch.Tensor],
+    rois: list[torch.Tensor],
+    capacity: torch.Tensor,
+    available: list[torch.Tensor],
+    sweeps: int = 20,
+    tolerance: float = 1e-4,
+) -> torch.Tensor:
+    """Find the smallest non-negative prices that keep each expert's mean demand within capacity.
+
+    Demand of expert k, the mean over images of the fraction of ROI pixels whose best score is k's, only
+    falls as k's price rises, so each price is found by bisection with the others fixed. Sweeps over the
+    experts repeat until every demand fits, because a pixel priced away from one expert may move to another.
+
+    Args:
+        scores: per image, ``(K+1)HW`` routing scores before prices, model channel last.
+        rois: per image, bool ``HW`` region of interest.
+        capacity: ``K`` capacities.
+        available: per image, bool ``K``.
+        sweeps: maximum passes over the experts.
+        tolerance: bisection stops when the price interval is narrower than this.
+
+    Returns:
+        ``K`` prices.
+    """
+    num_experts = capacity.numel()
+    prices = torch.zeros(num_experts, dtype=torch.float64)
+    if num_experts == 0 or not scores:
+        return prices.float()
+
+    # Only ROI pixels matter; flatten them once, unavailable experts already excluded.
+    flat = []
+    for image_scores, roi, image_available in zip(scores, rois, available):
+        pixels = image_scores[:, roi.bool()].double().clone()
+        pixels[:num_experts][~image_available.bool()] = float("-inf")
+        flat.append(pixels)
+
+    def demand(k: int, price: float) -> float:
+        shifted = prices.clone()
+        shifted[k] = price
+        fractions = []
+        for pixels in flat:
+            if pixels.shape[1] == 0:
+                continue
+            adjusted = pixels.clone()
+            adjusted[:num_experts] -= shifted.view(-1, 1)
+            fractions.append(float((adjusted.argmax(dim=0) == k).double().mean()))
+        return sum(fractions) / max(len(fractions), 1)
+
+    for _ in range(sweeps):
+        if all(demand(k, float(prices[k])) <= float(capacity[k]) for k in range(num_experts)):
+            break
+        for k in range(num_experts):
+            if demand(k, float(prices[k])) <= float(capacity[k]):
+                continue
+            low, high = float(prices[k]), float(prices[k]) + 1.0
+            while demand(k, high) > float(capacity[k]) and high < 1e3:
+                high *= 2.0
+            while high - low > tolerance:
+                middle = (low + high) / 2.0
+                if demand(k, middle) > float(capacity[k]):
+                    low = middle
+                else:
+                    high = middle
+            prices[k] = high
+    # Callers shift float32 scores; round up so the float32 price still keeps demand within capacity.
+    rounded = prices.float()
+    return torch.where(rounded > 0, torch.nextafter(rounded, torch.tensor(float("inf"))), rounded)
 
 
 def assign_with_capacity(

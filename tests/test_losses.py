@@ -375,3 +375,16 @@ def test_shape_errors_name_shapes() -> None:
         )
     with pytest.raises(ValueError, match="0/255"):
         dice_loss(inputs["seg_logit"], inputs["reference"] * 255, torch.ones(2, 1, 6, 6))
+
+
+def test_load_balancing_temperature_sharpens():
+    # One pixel, expert logit 1 and model logit 0. At temperature 0.5 the expert's probability is
+    # e^2 / (e^2 + 1); above an upper bound of 0.5 the hinge is that minus 0.5.
+    logits = torch.tensor([[[[1.0]], [[0.0]]]])
+    roi = torch.ones(1, 1, 1, 1)
+    bound = torch.tensor([0.5])
+    expected = math.exp(2) / (math.exp(2) + 1) - 0.5
+    got = load_balancing(logits, roi, torch.tensor([0.0]), bound, temperature=0.5)
+    assert float(got) == pytest.approx(expected)
+    soft = load_balancing(logits, roi, torch.tensor([0.0]), bound, temperature=1.0)
+    assert float(soft) == pytest.approx(math.exp(1) / (math.exp(1) + 1) - 0.5)

@@ -13,12 +13,19 @@ def test_output_channels_per_head(backbone):
     assert out.seg_logit.shape == (2, 1, 32, 32)
     assert out.routing_logits.shape == (2, 3, 32, 32)
     assert out.deferral_logit.shape == (2, 1, 32, 32)
+    assert out.correctness_logits.shape == (2, 3, 32, 32)
 
 
-def test_expert_heads_are_the_only_local_group():
+def test_local_group_holds_expert_heads_only():
     model = DeferredSegNet(NetworkConfig(channels=(8, 16)), num_experts=3)
     groups = parameter_groups(model)
-    assert groups["local"] == ["expert_heads.weight", "expert_heads.bias"]
+    assert groups["local"] == [
+        "expert_heads.weight",
+        "expert_heads.bias",
+        "correctness.expert_heads.weight",
+        "correctness.expert_heads.bias",
+    ]
+    assert "correctness.model_head.weight" in groups["shared"]
     assert set(groups["shared"]) | set(groups["local"]) == set(model.state_dict())
     assert "seg_head.weight" in groups["shared"]
     assert "model_route_head.weight" in groups["shared"]

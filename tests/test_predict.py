@@ -112,7 +112,7 @@ def read_owner_indices(path: Path) -> np.ndarray:
 
 
 def expected_model_mask(model: DeferredSegNet, image: np.ndarray, settings: RunSettings) -> np.ndarray:
-    prob, _, _ = predict(model, image, settings.train, torch.device("cpu"))
+    prob = predict(model, image, settings.train, torch.device("cpu")).prob
     return (prob > 0.5).numpy()
 
 
@@ -219,8 +219,8 @@ def test_predict_round_option(run):
     predictor = load_site_predictor(run["run_dir"], run["site_dir"], round_number=1, device=torch.device("cpu"))
     case = load_split(run["spec"], "test")[0]
 
-    got, _, _ = predict(predictor.model, case.image, run["settings"].train, torch.device("cpu"))
-    expected, _, _ = predict(run["models"][1], case.image, run["settings"].train, torch.device("cpu"))
+    got = predict(predictor.model, case.image, run["settings"].train, torch.device("cpu")).prob
+    expected = predict(run["models"][1], case.image, run["settings"].train, torch.device("cpu")).prob
 
     assert predictor.round == 1
     assert predictor.heads_path.name == "round-0001.safetensors"

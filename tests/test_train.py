@@ -44,3 +44,50 @@ def test_train_pools_two_sites(tmp_path, tiny_sites):
     experts = summary["config"]["experts"]
     for site_id, result in summary["sites"].items():
         assert list(result["experts"]) == experts[site_id]
+
+
+def test_benefit_router_uses_calibration_and_fits_prices(tmp_path, tiny_sites, monkeypatch):
+    import cli.train
+    from client.engine import evaluate_cases, expert_priority, select_device
+    from client.sitedata import open_site
+    from common.config import TrainSettings
+    from common.losses import LossWeights
+    from common.model import DeferredSegNet, NetworkConfig
+
+    seen = []
+    real_routing_cases = cli.train.routing_cases
+
+    def spy(calibration, train):
+        cases = real_routing_cases(calibration, train)
+        seen.extend(case.case_id for case in cases)
+        return cases
+
+    monkeypatch.setattr(cli.train, "routing_cases", spy)
+    site = open_site(tiny_sites[0])
+    settings = TrainSettings(
+        epochs=1, steps_per_epoch=3, batch_size=2, patch_size=32, router="benefit", calibration_epochs=1
+    )
+    network = NetworkConfig(in_channels=1, channels=(8, 16), features=8)
+    summary = cli.train.train_sites([site], tmp_path / "run", settings, network, LossWeights(), progress=False)
+
+    # The routing data is the calibration split: never a validation or test case.
+    assert sorted(seen) == sorted(site.spec.splits["calibration"])
+    assert not set(seen) & (set(site.spec.splits["test"]) | set(site.spec.splits["validation"]))
+
+    # The fitted prices keep each expert's mean validation demand within capacity.
+    result = summary["sites"]["site-1"]
+    assert result["router"] == "benefit"
+    prices = [result["prices"][e] for e in site.expert_ids]
+    assert all(p >= 0 for p in prices)
+    model = DeferredSegNet(network, num_experts=len(site.experts))
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(tmp_path / "run" / "model.safetensors")))
+    priority = expert_priority(site.split("validation"), len(site.experts))
+    validation, _ = evaluate_cases(
+        model, site.split("validation"), site.expert_ids, site.capacity, settings, select_device("cpu"), priority,
+        prices=prices,
+    )
+    for expert_id in site.expert_ids:
+        expert = validation["experts"][expert_id]
+        assert expert["demand"] <= expert["capacity"] + 1e-9

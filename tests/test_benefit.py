@@ -1,0 +1,99 @@
+"""Tests of the benefit router: scores, capacity-limited assignment, price fitting, routing data."""
+
+import math
+
+import pytest
+import torch
+
+from client.engine import correctness_loss, routing_cases
+from common.routing import assign_with_capacity, benefit_scores, fit_prices
+
+
+def logit(p):
+    return math.log(p / (1 - p))
+
+
+def correctness(probabilities):
+    """(K+1)HW logits from a nested list of probabilities, model last."""
+    return torch.tensor([[[logit(p) for p in row] for row in channel] for channel in probabilities])
+
+
+def test_benefit_is_expert_minus_model_probability():
+    logits = correctness([[[0.9, 0.6]], [[0.7, 0.95]], [[0.8, 0.5]]])  # expert 0, expert 1, model
+    scores = benefit_scores(logits, torch.tensor([0.05, 0.0]))
+    assert scores[0, 0].tolist() == pytest.approx([0.9 - 0.8 - 0.05, 0.6 - 0.5 - 0.05])
+    assert scores[1, 0].tolist() == pytest.approx([0.7 - 0.8, 0.95 - 0.5])
+    assert scores[2].abs().sum() == 0
+
+
+def test_highest_benefit_first_then_overflow():
+    # Expert 0 helps on all four pixels (benefits 0.4, 0.3, 0.2, 0.1) but has room for 2 of 4 ROI pixels;
+    # expert 1 helps less on pixels 2 and 3 (0.15, 0.05) and has room for 1.
+    model = [[0.5, 0.5, 0.5, 0.5]]
+    logits = correctness([[[0.9, 0.8, 0.7, 0.6]], [[0.4, 0.4, 0.65, 0.55]], model])
+    routing = assign_with_capacity(
+        benefit_scores(logits), torch.ones(1, 4, dtype=torch.bool), torch.tensor([0.5, 0.25])
+    )
+    assert routing.owner.tolist() == [[0, 0, 1, -1]]
+    assert routing.demand_owner.tolist() == [[0, 0, 0, 0]]
+
+
+def test_expert_never_positive_stays_idle():
+    # Expert 1 is never more likely right than the model, so it gets nothing though it has capacity.
+    logits = correctness([[[0.9, 0.9]], [[0.6, 0.7]], [[0.8, 0.8]]])
+    routing = assign_with_capacity(benefit_scores(logits), torch.ones(1, 2, dtype=torch.bool), torch.tensor([0.5, 1.0]))
+    assert routing.owner.tolist() == [[0, -1]]
+    assert int((routing.owner == 1).sum()) == 0
+
+
+def test_fit_prices_keeps_demand_within_capacity():
+    # One expert, 10 ROI pixels with benefits 0.1 .. 1.0; capacity 0.3 allows 3 pixels, so the price must
+    # push all but the 3 largest benefits (0.8, 0.9, 1.0) to 0 or below: a price just above 0.7.
+    benefits = torch.linspace(0.1, 1.0, 10).view(1, 1, 10)
+    scores = torch.cat([benefits, torch.zeros(1, 1, 10)])
+    prices = fit_prices([scores], [torch.ones(1, 10, dtype=torch.bool)], torch.tensor([0.3]), [torch.tensor([True])])
+    assert 0.7 <= float(prices[0]) <= 0.7 + 1e-3
+    shifted = benefit_free_demand(scores, prices)
+    assert shifted == 3
+
+
+def benefit_free_demand(scores, prices):
+    adjusted = scores.clone()
+    adjusted[:-1] -= prices.view(-1, 1, 1)
+    return int((adjusted.argmax(dim=0) == 0).sum())
+
+
+def test_fit_prices_zero_when_demand_fits():
+    scores = torch.tensor([[[0.2, -0.1, -0.3, -0.2]], [[0.0, 0.0, 0.0, 0.0]]])
+    prices = fit_prices([scores], [torch.ones(1, 4, dtype=torch.bool)], torch.tensor([0.5]), [torch.tensor([True])])
+    assert float(prices[0]) == 0.0
+
+
+def test_routing_data_is_the_calibration_split():
+    calibration, train = ["c1", "c2"], ["t1"]
+    assert routing_cases(calibration, train) == ["c1", "c2"]
+    with pytest.raises(ValueError, match="calibration split"):
+        routing_cases([], train)
+
+
+def test_correctness_loss_targets():
+    # One pixel: model predicts foreground (logit 2) on a foreground reference: right; expert 0 says
+    # background: wrong. All logits 0, so each BCE term is log 2 and the mean is log 2.
+    batch = {
+        "reference": torch.ones(1, 1, 1, 1),
+        "roi": torch.ones(1, 1, 1, 1),
+        "experts": torch.zeros(1, 1, 1, 1),
+        "available": torch.tensor([[True]]),
+    }
+    loss = correctness_loss(torch.full((1, 1, 1, 1), 2.0), torch.zeros(1, 2, 1, 1), batch)
+    assert float(loss) == pytest.approx(math.log(2))
+
+    # Logits pointing the right way: expert wrong (target 0), model right (target 1).
+    logits = torch.tensor([[[[-3.0]], [[3.0]]]])
+    expected = (math.log(1 + math.exp(-3.0)) * 2) / 2
+    assert float(correctness_loss(torch.full((1, 1, 1, 1), 2.0), logits, batch)) == pytest.approx(expected)
+
+    # An unavailable expert does not count: only the model term remains.
+    batch["available"] = torch.tensor([[False]])
+    logits = torch.tensor([[[[5.0]], [[0.0]]]])
+    assert float(correctness_loss(torch.full((1, 1, 1, 1), 2.0), logits, batch)) == pytest.approx(math.log(2))

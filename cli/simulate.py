@@ -113,7 +113,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     else:
         run_dir = (args.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")).resolve()
         if (run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists():
-            raise ValueError(f"{run_dir} already holds a run; choose another --out, or continue it with --resume")
+            raise ValueError(f"{run_dir} already contains a run; choose another --out, or continue it with --resume")
         run_dir.mkdir(parents=True, exist_ok=True)
 
         source = args.federation

@@ -1,4 +1,4 @@
-"""Flower ClientApp of a site: answers the site query, trains locally and evaluates.
+"""Flower ClientApp of a site: replies to the site query, trains locally and evaluates.
 
 The site folder and the state folder come from the node config (``--node-config "site-dir=... state-dir=..."``).
 In simulation, virtual node i serves the i-th site of the federation file named by the run config key

@@ -17,8 +17,8 @@ class Routing:
 
     Attributes:
         owner: int64 ``HW`` owner map after the capacity cap: ``-1`` (model) or the expert index.
-        demand_owner: the same map before the cap, i.e. what the router would send to each expert if nobody
-            had a capacity. Demand is measured on it and load on ``owner``.
+        demand_owner: the same map before the cap, i.e. what the router would send to each expert if experts
+            had no capacity limit. Demand is measured on it and load on ``owner``.
     """
 
     owner: torch.Tensor

@@ -78,7 +78,7 @@ def query_sites(
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node_id = reply.metadata.src_node_id
         if reply.has_error():
-            logger.warning("node %d did not answer the site query: %s", node_id, reply.error.reason)
+            logger.warning("node %d did not reply to the site query: %s", node_id, reply.error.reason)
             continue
         descriptor = json.loads(str(reply.content.config_records["site"]["descriptor"]))
         info = SiteInfo(
@@ -137,7 +137,7 @@ def run_federation(grid: Grid, federation: FederationConfig, run_dir: Path, opti
     registry = query_sites(grid, node_ids, run_name, round_timeout, expected_ids)
     if len(registry) < min_sites:
         raise RuntimeError(
-            f"only {len(registry)} sites answered the site query, min-sites is {min_sites}; check the site nodes' logs"
+            f"only {len(registry)} sites replied to the site query, min-sites is {min_sites}; check the site nodes' logs"
         )
 
     settings = federation_settings(federation, _in_channels(federation, registry))
@@ -150,7 +150,7 @@ def run_federation(grid: Grid, federation: FederationConfig, run_dir: Path, opti
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None and not options.get("resume"):
         raise RuntimeError(
-            f"{run_dir} already holds rounds up to {checkpoint.round}; resume it with --resume or choose a new run folder"
+            f"{run_dir} already contains rounds up to {checkpoint.round}; resume it with --resume or choose a new run folder"
         )
     if checkpoint is not None:
         initial = load_weights(checkpoint.weights)

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SiteInfo:
-    """What the coordinator knows of a site: its reply to the site query, with no file names or cases."""
+    """The coordinator's record of a site: its reply to the site query, with no file names or cases."""
 
     node_id: int
     site_id: str

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
-# Flower must not phone home or install anything at run time; set before flwr is imported anywhere.
-for _name, _value in (
-    ("FLWR_TELEMETRY_ENABLED", "0"),
-    ("FLWR_DISABLE_UPDATE_CHECK", "1"),
-    ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"),
-    ("RAY_USAGE_STATS_ENABLED", "0"),
-):
-    os.environ.setdefault(_name, _value)
+from common.environment import apply_flower_environment
+
+# Set before flwr is imported anywhere, so no Flower code runs without it.
+apply_flower_environment()
 
 
 def build_parser() -> argparse.ArgumentParser:

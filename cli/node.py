@@ -22,6 +22,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
+from common.environment import FLOWER_ENVIRONMENT
 from common.site import check_site
 
 logger = logging.getLogger(__name__)
@@ -29,13 +30,6 @@ logger = logging.getLogger(__name__)
 PROFILES = ("production", "demo")
 DEFAULT_CLIENTAPPIO_PORT = 9094
 STATE_DIR_MODE = 0o700
-
-# Environment of every Flower process: no telemetry, no update check, no `uv sync` of app dependencies.
-FLOWER_ENVIRONMENT = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-}
 
 _HOST_PORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(?P<port>[0-9]{1,5})$")
 _NODE_CONFIG_KEY = re.compile(r"^[A-Za-z0-9_-]+$")

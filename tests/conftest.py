@@ -1,17 +1,12 @@
 """Shared fixtures: tiny synthetic sites and the environment every Flower process needs."""
 
-import os
 from pathlib import Path
 
 import pytest
 
-for _name, _value in (
-    ("FLWR_TELEMETRY_ENABLED", "0"),
-    ("FLWR_DISABLE_UPDATE_CHECK", "1"),
-    ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"),
-    ("RAY_USAGE_STATS_ENABLED", "0"),
-):
-    os.environ.setdefault(_name, _value)
+from common.environment import apply_flower_environment
+
+apply_flower_environment()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

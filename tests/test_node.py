@@ -216,7 +216,7 @@ def test_killed_child_status() -> None:
 # Static checks of the deployment files: no container engine or systemd instance runs them in CI.
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
-FLOWER_SWITCHES = dict(cli.node.FLOWER_ENVIRONMENT)
+FLOWER_SWITCHES = {k: v for k, v in cli.node.FLOWER_ENVIRONMENT.items() if k.startswith("FLWR_")}
 
 
 def test_compose_three_site_demo() -> None:

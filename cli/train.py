@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from cli.report import format_site_table
 from client.engine import (
+    Bounds,
     PatchSampler,
     evaluate_cases,
     expert_priority,
@@ -151,6 +152,10 @@ def train_sites(
     )
     priorities = [expert_priority(s.split("validation"), len(s.experts)) for s in sites]
 
+    # The soft load-balancing term, when on, bounds each expert's load to [0, capacity].
+    capacities = [c for s in sites for c in s.capacity]
+    bounds = Bounds(lower=torch.zeros(len(capacities)), upper=torch.tensor(capacities)) if capacities else None
+
     selection_key = "model_dice" if settings.router == "benefit" else "system_dice"
     selection_settings = replace(settings, router="softmax")
 
@@ -168,7 +173,7 @@ def train_sites(
     best_score, best_state, best_epoch = -1.0, None, -1
     bar = tqdm(range(settings.epochs), desc="train", unit="epoch", disable=not progress)
     for epoch in bar:
-        losses = train_epochs(model, sampler, settings, weights, 1, device, optimizer=optimizer)
+        losses = train_epochs(model, sampler, settings, weights, 1, device, bounds=bounds, optimizer=optimizer)
         score = validate()
         if score > best_score:
             best_score, best_state, best_epoch = score, copy.deepcopy(model.state_dict()), epoch

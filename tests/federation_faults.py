@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import Array, Context, Message
 from flwr.clientapp import ClientApp
 
 

@@ -91,3 +91,18 @@ def test_benefit_router_uses_calibration_and_fits_prices(tmp_path, tiny_sites, m
     for expert_id in site.expert_ids:
         expert = validation["experts"][expert_id]
         assert expert["demand"] <= expert["capacity"] + 1e-9
+
+
+def test_train_with_load_balancing_on(tmp_path, tiny_sites):
+    out = tmp_path / "balanced"
+    status = main(
+        [
+            "train", "--site", str(tiny_sites[0]), "--out", str(out), "--epochs", "1", "--steps-per-epoch", "2",
+            "--batch-size", "2", "--patch-size", "32", "--load-balancing", "1.0", "--no-progress",
+        ]
+    )
+    assert status == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["loss"]["load_balancing"] == 1.0
+    for expert in summary["sites"]["site-1"]["experts"].values():
+        assert expert["load"] <= expert["capacity"] + 1e-12

@@ -1,0 +1,1 @@
+"""Benchmarks of DeferredSeg routing, federation cost and speed (``python -m benchmarks.run``)."""

@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import tempfile
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -171,7 +172,8 @@ def train_sites(
         return sum(scores) / len(scores)
 
     best_score, best_state, best_epoch = -1.0, None, -1
-    bar = tqdm(range(settings.epochs), desc="train", unit="epoch", disable=not progress)
+    # A progress bar only where a person watches a terminal; logs and CI get the per-epoch log lines.
+    bar = tqdm(range(settings.epochs), desc="train", unit="epoch", disable=not (progress and sys.stderr.isatty()))
     for epoch in bar:
         losses = train_epochs(model, sampler, settings, weights, 1, device, bounds=bounds, optimizer=optimizer)
         score = validate()

@@ -122,6 +122,13 @@ def run_simulate(args: argparse.Namespace) -> int:
             print(f"No --federation given: built-in synthetic federation of {BUILTIN_SITES} sites in {run_dir / 'sites'}")
         federation_file, federation = resolve_federation_file(Path(source), run_dir, args.rounds)
 
+    # Read every site's site.toml now: a missing or broken site folder should stop the run with its own
+    # message, not as a failed site query after the simulation engine has started.
+    from client.sitedata import open_site
+
+    for entry in federation.sites:
+        open_site(entry.site_dir, entry)
+
     if args.mode != "federated":
         return _run_comparison(args.mode, federation, run_dir)
 
@@ -137,15 +144,18 @@ def run_simulate(args: argparse.Namespace) -> int:
     print(f"Simulating {num_sites} sites for {federation.rounds} rounds; run folder {run_dir}")
     with tempfile.TemporaryDirectory(prefix="deferredseg-ray-") as ray_tmp:
         os.environ.setdefault("RAY_TMPDIR", ray_tmp)
-        run_simulation(
-            server_app=build_server_app(options),
-            client_app=build_client_app(options),
-            num_supernodes=num_sites,
-            backend_config={
-                "client_resources": {"num_cpus": args.cpus_per_site, "num_gpus": gpus},
-                "init_args": {"include_dashboard": False},
-            },
-        )
+        try:
+            run_simulation(
+                server_app=build_server_app(options),
+                client_app=build_client_app(options),
+                num_supernodes=num_sites,
+                backend_config={
+                    "client_resources": {"num_cpus": args.cpus_per_site, "num_gpus": gpus},
+                    "init_args": {"include_dashboard": False},
+                },
+            )
+        except KeyboardInterrupt:
+            _stop_after_interrupt(run_dir)
 
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
@@ -185,6 +195,25 @@ def _run_comparison(mode: str, federation: FederationConfig, run_dir: Path) -> i
     print(format_site_table(summary["sites"], summary["federation"]))
     print(f"\nrun folder {run_dir}")
     return 0
+
+
+def _stop_after_interrupt(run_dir: Path) -> None:
+    """End the process after Ctrl-C, which otherwise leaves Flower's server thread waiting for replies."""
+    print(
+        f"\ndeferredseg simulate: interrupted; completed rounds are kept, continue with "
+        f"deferredseg simulate --resume {run_dir}",
+        file=sys.stderr,
+    )
+    try:
+        import ray
+
+        ray.shutdown()
+    finally:
+        sys.stderr.flush()
+        sys.stdout.flush()
+        # The Flower server thread is not a daemon and blocks on replies that will never come, so a normal
+        # exit would hang; 130 is the usual status of a process ended by SIGINT.
+        os._exit(130)
 
 
 def _configure_logging() -> None:

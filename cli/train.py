@@ -50,25 +50,25 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--site", action="append", type=Path, default=[], help="site folder (repeat to pool sites)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/train-<time>)")
-    parser.add_argument("--backbone", default="unet", choices=["unet", "basicunet"], help="MONAI backbone")
-    parser.add_argument("--epochs", type=int, default=TrainSettings.epochs, help="training epochs")
-    parser.add_argument("--steps-per-epoch", type=int, default=TrainSettings.steps_per_epoch, help="steps per epoch")
-    parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size, help="patches per step")
-    parser.add_argument("--patch-size", type=int, default=TrainSettings.patch_size, help="patch side, in pixels")
-    parser.add_argument("--learning-rate", type=float, default=TrainSettings.learning_rate, help="Adam learning rate")
-    parser.add_argument("--seed", type=int, default=0, help="seed of initialization and sampling")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
+    parser.add_argument("--backbone", default="unet", choices=["unet", "basicunet"], help="MONAI backbone (default %(default)s)")
+    parser.add_argument("--epochs", type=int, default=TrainSettings.epochs, help="training epochs (default %(default)s)")
+    parser.add_argument("--steps-per-epoch", type=int, default=TrainSettings.steps_per_epoch, help="optimizer steps per epoch (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size, help="patches per step (default %(default)s)")
+    parser.add_argument("--patch-size", type=int, default=TrainSettings.patch_size, help="patch side, in pixels (default %(default)s)")
+    parser.add_argument("--learning-rate", type=float, default=TrainSettings.learning_rate, help="Adam learning rate (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of initialization and sampling (default %(default)s)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default %(default)s)")
     parser.add_argument(
         "--router",
         default=TrainSettings.router,
         choices=["softmax", "benefit"],
-        help="routing rule: softmax (DeferredSeg's routing channels) or benefit (per-agent correctness heads)",
+        help="routing rule: softmax (DeferredSeg's routing channels) or benefit (per-agent correctness heads); default %(default)s",
     )
     parser.add_argument(
         "--calibration-epochs",
         type=int,
         default=TrainSettings.calibration_epochs,
-        help="epochs of the benefit router's correctness heads on the calibration split",
+        help="epochs of the benefit router's correctness heads on the calibration split (default %(default)s)",
     )
     parser.add_argument(
         "--load-balancing",

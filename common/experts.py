@@ -107,9 +107,10 @@ def parse_expert(mapping: Mapping[str, object], source: str) -> ExpertSpec:
 
     capacity = mapping.get("capacity")
     if not _is_number(capacity) or not 0.0 < float(capacity) <= 1.0:
+        problem = "capacity is missing" if capacity is None else f"capacity {capacity!r} is outside (0, 1]"
         problems.append(
             (
-                f"capacity {capacity!r} is missing or outside (0, 1]",
+                problem,
                 "set capacity to the maximum fraction of region-of-interest pixels the expert reviews, e.g. 0.05",
             )
         )

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def read_history(path: Path) -> list[dict]:
@@ -44,6 +45,7 @@ def _dice_plot(history: list[dict], path: Path) -> Path:
         rounds, system = _series(history, site_id, "system_dice")
         axes.plot(rounds, system, "-o", color=colour, label=f"{site_id} system")
     axes.set_xlabel("round")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("validation Dice")
     axes.set_title("Dice per round (after local training)")
     axes.legend(fontsize="small")
@@ -70,6 +72,7 @@ def _workload_plot(history: list[dict], path: Path) -> Path:
     for axes, name in ((utilization_axes, "utilization (load / capacity)"), (pressure_axes, "pressure (demand / capacity)")):
         axes.axhline(1.0, color="black", linewidth=1, linestyle=":", label="capacity")
         axes.set_xlabel("round")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel(name)
     pressure_axes.set_yscale("symlog")
     utilization_axes.legend(fontsize="x-small")

@@ -53,7 +53,7 @@ def test_parse_block_defaults() -> None:
     [
         ({"id": "a", "capacity": 1.5, "folder": "f"}, "capacity 1.5"),
         ({"id": "a", "capacity": 0, "folder": "f"}, "capacity 0"),
-        ({"id": "a", "folder": "f"}, "capacity None"),
+        ({"id": "a", "folder": "f"}, "capacity is missing"),
         ({"id": "a", "capacity": 0.1}, "exactly one of 'folder'"),
         ({"id": "a", "capacity": 0.1, "folder": "f", "profile": "pixel"}, "exactly one of 'folder'"),
         ({"id": "a", "capacity": 0.1, "profile": "gaussian"}, "profile 'gaussian' is unknown"),

@@ -291,12 +291,15 @@ def run_superlink(args: argparse.Namespace) -> int:
     write_public_file(cert_path, _pem_certificate(certificate), args.force)
 
     ca_path = ca_dir / "ca.pem"
+    # A certificate for loopback names only serves a test on this machine, so listen on loopback then.
+    loopback_only = all(host in ("127.0.0.1", "localhost", "::1") for host in args.host)
+    listen = "127.0.0.1" if loopback_only else "0.0.0.0"
     print(f"wrote {cert_path} and {key_path} for {', '.join(args.host)}")
     print("next, start the SuperLink with TLS and node authentication:")
     print(
         f"  flower-superlink --ssl-ca-certfile {_q(ca_path)} --ssl-certfile {_q(cert_path)} "
         f"--ssl-keyfile {_q(key_path)} --enable-supernode-auth --database superlink.db "
-        f"--host 0.0.0.0 --port {args.port}"
+        f"--host {listen} --port {args.port}"
     )
     print("then create each site's node key (at the site) with: deferredseg certs node SITE")
     return 0
@@ -316,11 +319,12 @@ def run_node(args: argparse.Namespace) -> int:
     address = SuperLinkAddress(args.superlink_host, args.port)
     print(f"wrote {key_path} (private: stays at the site) and {public_path} (public: send it to the coordinator)")
     print("next, the coordinator registers the public key with the SuperLink:")
-    print(f"  flwr supernode register {_q(public_path.name)} CONNECTION")
-    print("then the site starts its node:")
+    print(f"  flwr supernode register {_q(public_path)} CONNECTION")
+    print("then the site starts its node (give each node on one machine its own --clientappio-port):")
     print(
         f"  deferredseg node start --site-dir SITE_DIR --state-dir STATE_DIR "
-        f"--superlink {address.host}:{address.port} --root-certificates ca.pem --auth-key {_q(key_path)}"
+        f"--superlink {address.host}:{address.port} --root-certificates ca.pem --auth-key {_q(key_path)} "
+        "--clientappio-port 9094"
     )
     return 0
 

@@ -155,6 +155,8 @@ def test_next_commands_printed(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "flower-superlink --ssl-ca-certfile" in output
     assert "--enable-supernode-auth" in output
     assert "--port 9443" in output
-    assert "flwr supernode register site-1.pub" in output
+    assert "--host 127.0.0.1 --port 9443" in output  # a loopback-only certificate listens on loopback
+    assert f"flwr supernode register {tmp_path / 'keys' / 'site-1.pub'}" in output
+    assert "--clientappio-port 9094" in output
     assert "deferredseg node start --site-dir SITE_DIR --state-dir STATE_DIR --superlink SUPERLINK_HOST:9092" in output
     assert f"--auth-key {tmp_path / 'keys' / 'site-1.key'}" in output

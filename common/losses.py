@@ -254,8 +254,10 @@ def load_balancing(
     With temperature 1 this is DeferredSeg's term on soft probabilities. An accurate expert then holds a
     large share of probability on almost every pixel, and an upper bound at capacity level pushes that
     expert's channel below the model channel everywhere, so argmax never defers. A low temperature sharpens
-    pi towards the argmax, so the mean approaches the realized (hard) load: the bound then acts only on
-    pixels near the routing decision and stops once the hard load fits the capacity.
+    pi towards the argmax, so the mean approaches the realized (hard) load.
+
+    NOTE: sharpening alone does not prevent that collapse. With temperature 0.1 and upper bounds at a
+    capacity of 0.05, weights 1.0 (DRIVE, CHASE_DB1) and 0.1 (DRIVE) still ended with no deferral at all.
 
     Args:
         routing_logits: routing logits `B(K+1)HW`, model channel last.
@@ -305,7 +307,8 @@ class LossWeights:
         channel, and then argmax never defers. Capacity is enforced by the capacity-constrained routing at
         inference instead.
     load_balancing_temperature: softmax temperature of the load-balancing term. The default 0.1 applies the
-        bounds to nearly hard loads, so the term no longer stops all deferral; 1.0 is DeferredSeg's form.
+        bounds to nearly hard loads; 1.0 is DeferredSeg's form. Neither kept any deferral on the real sites,
+        which is one more reason the term is off by default.
     wrong_expert_penalty: add the bounded wrong-expert penalty to the surrogate.
     deferral_mse_weight: weight of the squared error inside the deferral predictor loss.
     deferral_sparsity_weight: weight of mean(q) inside the deferral predictor loss.

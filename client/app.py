@@ -242,7 +242,8 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
             # Second stage: the correctness heads learn where each agent is right on routing data that the
             # segmentor never trained on.
             routing_data = routing_cases(site.split("calibration"), site.split("train"))
-            calibration = PatchSampler(routing_data, settings.train.patch_size, settings.train.seed * 1000 + server_round + 1)
+            calibration_seed = settings.train.seed * 1000 + 500 + server_round
+            calibration = PatchSampler(routing_data, settings.train.patch_size, calibration_seed)
             train_correctness(model, calibration, settings.train, settings.train.calibration_epochs, device)
         train_seconds = time.perf_counter() - started
         save_weights(state.heads_path(server_round), local_state(model))
@@ -254,7 +255,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         )
         logger.info(
             "site %s round %d: loss %.4f, validation model Dice %.4f, system Dice %.4f, deferral rate %.4f",
-            site.site_id, server_round, sum(losses.values()), summary["model_dice"], summary["system_dice"],
+            site.site_id, server_round, losses["total"], summary["model_dice"], summary["system_dice"],
             summary["deferral_rate"],
         )
         content = RecordDict(

@@ -130,8 +130,8 @@ def train_sites(
     benefit router, whose heads are trained only afterwards). Only that network is scored on the test splits.
 
     With the benefit router, a second stage trains the correctness heads on the calibration splits with the
-    segmentor fixed, then fits each site's capacity prices on its validation split, so that demand stays
-    within capacity; the test split is routed with those prices.
+    segmentor fixed. It then fits each site's capacity prices on its validation split, so that demand stays
+    within capacity, and the test split is routed with those prices.
     """
     in_channels = {s.spec.in_channels for s in sites}
     if len(in_channels) != 1:

@@ -207,7 +207,7 @@ def train_correctness(
     """Train only the correctness heads, with the segmentor fixed; return the last epoch's mean loss.
 
     The sampler must draw from routing data (the calibration split), where the model errs as it does on new
-    images; on its own training patches the model is almost always right, and the heads would learn that.
+    images. On its own training patches the model is almost always right, so the heads would learn that.
     """
     model.to(device).train()
     optimizer = torch.optim.Adam(model.correctness.parameters(), lr=settings.learning_rate)
@@ -292,6 +292,13 @@ def predict(model: DeferredSegNet, image: np.ndarray, settings: TrainSettings, d
     )
 
 
+def _select_channels(channels: Sequence[int] | None, *agent_maps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Keep the given expert channels and the model channel (the last) of each ``(K+1)HW`` map."""
+    if channels is None:
+        return agent_maps
+    return tuple(agent_map[[*channels, agent_map.shape[0] - 1]] for agent_map in agent_maps)
+
+
 def expert_priority(cases: Sequence[Case], num_experts: int) -> list[int]:
     """Order experts by pixel accuracy against the reference on ``cases`` (usually validation), best first."""
     correct = torch.zeros(num_experts, dtype=torch.float64)
@@ -338,9 +345,7 @@ def evaluate_cases(
     evaluations = []
     for case in cases:
         prob, routing_logits, _, correctness_logits = predict(model, case.image, settings, device)
-        if channels is not None:
-            routing_logits = routing_logits[[*channels, routing_logits.shape[0] - 1]]
-            correctness_logits = correctness_logits[[*channels, correctness_logits.shape[0] - 1]]
+        routing_logits, correctness_logits = _select_channels(channels, routing_logits, correctness_logits)
         scores = routing_scores(settings.router, routing_logits, correctness_logits, price_tensor)
         available = torch.as_tensor(case.expert_available)
         roi = torch.as_tensor(case.roi)
@@ -375,9 +380,7 @@ def fit_validation_prices(
     scores, rois, available = [], [], []
     for case in cases:
         _, routing_logits, _, correctness_logits = predict(model, case.image, settings, device)
-        if channels is not None:
-            routing_logits = routing_logits[[*channels, routing_logits.shape[0] - 1]]
-            correctness_logits = correctness_logits[[*channels, correctness_logits.shape[0] - 1]]
+        routing_logits, correctness_logits = _select_channels(channels, routing_logits, correctness_logits)
         scores.append(routing_scores(settings.router, routing_logits, correctness_logits))
         rois.append(torch.as_tensor(case.roi))
         available.append(torch.as_tensor(case.expert_available))

@@ -251,7 +251,7 @@ def load_balancing(
     where the mean runs over all ROI pixels of the batch and `pi = softmax(r / temperature)`. The model channel
     has no bound. The coordinator sends the bounds each round (upper_k = capacity_k, lower_k = 0).
 
-    With temperature 1 this is DeferredSeg's term on soft probabilities. An accurate expert then holds a
+    With temperature 1 this is DeferredSeg's term on soft probabilities. An accurate expert then has a
     large share of probability on almost every pixel, and an upper bound at capacity level pushes that
     expert's channel below the model channel everywhere, so argmax never defers. A low temperature sharpens
     pi towards the argmax, so the mean approaches the realized (hard) load.

@@ -34,8 +34,8 @@ class LedgerConfig:
 def next_price(price: float, demand: float, capacity: float, step: float) -> float:
     """Projected dual ascent on the capacity constraint ``demand <= capacity``.
 
-    The price rises while the router asks more of the expert than they can give and falls, never below 0,
-    when it asks less.
+    The price rises while the router requests more of the expert than they can give. It falls, never below
+    0, when the router requests less.
     """
     return max(0.0, price + step * (demand - capacity))
 
@@ -53,7 +53,7 @@ def workload_weight(num_examples: int, max_pressure: float, beta: float) -> floa
 class CapacityLedger:
     """Prices and the workload history of every (site, expert) pair.
 
-    ``prices[site][expert]`` is the price that the next round sends. ``rounds[r][site][expert]`` holds what
+    ``prices[site][expert]`` is the price that the next round sends. ``rounds[r][site][expert]`` contains what
     the site measured in round r on its validation split, with the price that was in effect then.
     """
 

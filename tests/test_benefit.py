@@ -77,8 +77,8 @@ def test_routing_data_is_the_calibration_split():
 
 
 def test_correctness_loss_targets():
-    # One pixel: model predicts foreground (logit 2) on a foreground reference: right; expert 0 says
-    # background: wrong. All logits 0, so each BCE term is log 2 and the mean is log 2.
+    # One pixel with a foreground reference. The model predicts foreground (logit 2), so it is right, and
+    # expert 0 labels it background, so it is wrong. All logits 0, so each BCE term is log 2 and the mean is log 2.
     batch = {
         "reference": torch.ones(1, 1, 1, 1),
         "roi": torch.ones(1, 1, 1, 1),

@@ -68,4 +68,5 @@ def test_two_sites_one_round(tmp_path, tiny_sites):
 
     # No real expert id reaches the coordinator's files.
     text = (run_dir / "history.jsonl").read_text() + (run_dir / "summary.json").read_text()
-    assert "sim-pixel" not in text and "sim-block" not in text
+    assert "sim-pixel" not in text
+    assert "sim-block" not in text

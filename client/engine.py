@@ -197,6 +197,67 @@ def correctness_loss(out_seg_logit: torch.Tensor, correctness_logits: torch.Tens
     return (per_pixel * weight).sum() / weight.sum().clamp(min=1.0)
 
 
+def _routing_batch(model: DeferredSegNet, sampler: PatchSampler, batch_size: int, device: torch.device):
+    batch = {k: v.to(device) for k, v in sampler.sample(batch_size).items()}
+    with torch.no_grad():
+        seg_logit = model.seg_head(model.backbone(batch["image"]))
+    return batch, seg_logit
+
+
+@torch.no_grad()
+def fit_correctness_anchors(
+    model: DeferredSegNet, sampler: PatchSampler, settings: TrainSettings, device: torch.device, batches: int = 8
+) -> None:
+    """Set the anchors of the correctness heads from routing data, before their corrections train.
+
+    The model head's scale and shift are fitted by logistic regression of "the model is right" on |logit|
+    (Platt scaling); each expert head's bias becomes the logit of that expert's pixel accuracy. Both use the
+    ROI pixels of ``batches`` batches from ``sampler``; an expert counts only where available.
+    """
+    model.to(device).eval()
+    heads = model.correctness
+    margins, model_right = [], []
+    correct = torch.zeros(model.num_experts, dtype=torch.float64)
+    total = torch.zeros(model.num_experts, dtype=torch.float64)
+    for _ in range(batches):
+        batch, seg_logit = _routing_batch(model, sampler, settings.batch_size, device)
+        inside = batch["roi"] > 0.5
+        margins.append(seg_logit.abs()[inside].float().cpu())
+        model_right.append(((seg_logit > 0).float() == batch["reference"])[inside].float().cpu())
+        if model.num_experts:
+            weight = inside.float() * batch["available"].float()[:, :, None, None]
+            right = (batch["experts"] == batch["reference"]).float()
+            correct += (right * weight).sum(dim=(0, 2, 3)).double().cpu()
+            total += weight.sum(dim=(0, 2, 3)).double().cpu()
+
+    x, y = torch.cat(margins), torch.cat(model_right)
+    if x.numel() and 0 < float(y.mean()) < 1:
+        scale, shift = _platt_scaling(x, y)
+        heads.confidence_scale.fill_(scale)
+        heads.confidence_shift.fill_(shift)
+    if heads.expert_heads is not None:
+        accuracy = torch.where(total > 0, correct / total.clamp(min=1), torch.full_like(total, 0.5))
+        heads.expert_heads.bias.copy_(torch.logit(accuracy.clamp(1e-3, 1 - 1e-3)).to(heads.expert_heads.bias))
+
+
+def _platt_scaling(margin: torch.Tensor, right: torch.Tensor) -> tuple[float, float]:
+    """Fit ``P(right) = sigmoid(a * margin + b)`` by maximum likelihood; ``a`` is kept >= 0."""
+    params = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    margin, right = margin.double(), right.double()
+    optimizer = torch.optim.LBFGS([params], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(params[0] * margin + params[1], right)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    scale, shift = params.detach().tolist()
+    return max(scale, 0.0), shift
+
+
 def train_correctness(
     model: DeferredSegNet,
     sampler: PatchSampler,
@@ -204,22 +265,21 @@ def train_correctness(
     epochs: int,
     device: torch.device,
 ) -> float:
-    """Train only the correctness heads, with the segmentor fixed; return the last epoch's mean loss.
+    """Fit the anchors of the correctness heads, then train their corrections with the segmentor fixed.
 
-    The sampler must draw from routing data (the calibration split), where the model errs as it does on new
-    images. On its own training patches the model is almost always right, so the heads would learn that.
+    Returns the last epoch's mean loss (NaN when ``epochs`` is 0). The sampler must draw from routing data
+    (the calibration split), where the model errs as it does on new images. On its own training patches the
+    model is almost always right, so the heads would learn that.
     """
+    fit_correctness_anchors(model, sampler, settings, device)
     model.to(device).train()
     optimizer = torch.optim.Adam(model.correctness.parameters(), lr=settings.learning_rate)
     mean_loss = float("nan")
     for _ in range(epochs):
         total = 0.0
         for _ in range(settings.steps_per_epoch):
-            batch = {k: v.to(device) for k, v in sampler.sample(settings.batch_size).items()}
+            batch, seg_logit = _routing_batch(model, sampler, settings.batch_size, device)
             optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                features = model.backbone(batch["image"])
-                seg_logit = model.seg_head(features)
             logits = model.correctness(batch["image"], seg_logit)
             loss = correctness_loss(seg_logit, logits, batch)
             if not torch.isfinite(loss):

@@ -104,7 +104,18 @@ class CorrectnessHeads(nn.Module):
     Verma and Nalisnick (2022) calibrate learning to defer this way. The inputs are the image and the
     segmentor's own confidence: the foreground probability p, |p - 0.5| and the logit, all detached, so
     training these heads never changes the segmentor. A small dilated trunk gives each pixel about 15 pixels
-    of context. The trunk and the model head are shared; the expert heads are site-local.
+    of context.
+
+    Each head is anchored on a simple estimate and learns a correction from the trunk:
+
+    - model: ``confidence_scale * |logit| + confidence_shift + correction``, which is Platt scaling of the
+      segmentor's own confidence when the correction is zero;
+    - expert k: ``bias_k + correction_k``, the expert's accuracy on the routing data when the correction
+      is zero.
+
+    The corrections start at zero, so an untrained correction ranks pixels exactly as confidence deferral
+    does; the routing data has to show a difference before the ranking moves away from it. The trunk, the
+    model head and its two scalars are shared; the expert heads are site-local.
 
     Args:
         in_channels: image channels.
@@ -122,15 +133,21 @@ class CorrectnessHeads(nn.Module):
             nn.Conv2d(width, width, kernel_size=3, padding=4, dilation=4),
             nn.ReLU(),
         )
+        self.confidence_scale = nn.Parameter(torch.ones(1))
+        self.confidence_shift = nn.Parameter(torch.zeros(1))
         self.model_head = nn.Conv2d(width, 1, kernel_size=1)
         self.expert_heads = nn.Conv2d(width, num_experts, kernel_size=1) if num_experts else None
+        for head in (self.model_head, self.expert_heads):
+            if head is not None:
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
 
     def forward(self, image: torch.Tensor, seg_logit: torch.Tensor) -> torch.Tensor:
         """Return ``B(K+1)HW`` correctness logits, experts first and the model last."""
         logit = seg_logit.detach()
         prob = torch.sigmoid(logit)
         features = self.trunk(torch.cat([image, prob, (prob - 0.5).abs(), logit], dim=1))
-        model = self.model_head(features)
+        model = self.confidence_scale * logit.abs() + self.confidence_shift + self.model_head(features)
         if self.expert_heads is None:
             return model
         return torch.cat([self.expert_heads(features), model], dim=1)

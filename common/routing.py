@@ -87,18 +87,24 @@ def fit_prices(
     sweeps: int = 20,
     tolerance: float = 1e-4,
 ) -> torch.Tensor:
-    """Find the smallest non-negative prices that keep each expert's mean demand within capacity.
+    """Find small non-negative prices that keep each expert's mean demand within capacity.
 
-    Demand of expert k, the mean over images of the fraction of ROI pixels whose best score is k's, only
-    falls as k's price rises, so each price is found by bisection with the others fixed. Sweeps over the
-    experts repeat until every demand fits, because a pixel priced away from one expert may move to another.
+    Demand of expert k is the mean over images of the fraction of ROI pixels whose best score, after
+    prices, is k's. It falls as k's price rises and rises as another expert's price rises.
+
+    The fit starts from prices that are feasible on their own: each expert's price makes the share of
+    pixels where it beats the model channel, ignoring the other experts, fit its capacity. Sweeps then
+    lower each price in turn, by bisection, as far as that expert's demand still fits. Lowering one price
+    only takes pixels from the other experts, so every step stays feasible. Raising prices from zero
+    instead converges very slowly when the experts' scores move together, as the benefit router's do:
+    each raise hands the pixels to the next expert.
 
     Args:
         scores: per image, ``(K+1)HW`` routing scores before prices, model channel last.
         rois: per image, bool ``HW`` region of interest.
         capacity: ``K`` capacities.
         available: per image, bool ``K``.
-        sweeps: maximum passes over the experts.
+        sweeps: maximum passes over the experts that lower prices.
         tolerance: bisection stops when the price interval is narrower than this.
 
     Returns:
@@ -114,36 +120,48 @@ def fit_prices(
     for image_scores, roi, image_available in zip(scores, rois, available):
         pixels = image_scores[:, roi.bool()].double().clone()
         pixels[:num_experts][~image_available.bool()] = float("-inf")
-        flat.append(pixels)
+        if pixels.shape[1]:
+            flat.append(pixels)
+    if not flat:
+        return prices.float()
 
-    def demand(k: int, price: float) -> float:
+    def demand(k: int, price: float, alone: bool = False) -> float:
         shifted = prices.clone()
         shifted[k] = price
         fractions = []
         for pixels in flat:
-            if pixels.shape[1] == 0:
+            if alone:
+                fractions.append(float((pixels[k] - price > pixels[-1]).double().mean()))
                 continue
             adjusted = pixels.clone()
             adjusted[:num_experts] -= shifted.view(-1, 1)
             fractions.append(float((adjusted.argmax(dim=0) == k).double().mean()))
-        return sum(fractions) / max(len(fractions), 1)
+        return sum(fractions) / len(fractions)
+
+    def smallest_price(k: int, low: float, high: float, alone: bool = False) -> float:
+        """Bisection for the smallest price in [low, high] whose demand fits; ``high`` must fit."""
+        if demand(k, low, alone) <= float(capacity[k]):
+            return low
+        while high - low > tolerance:
+            middle = (low + high) / 2.0
+            if demand(k, middle, alone) > float(capacity[k]):
+                low = middle
+            else:
+                high = middle
+        return high
+
+    for k in range(num_experts):
+        high = 1.0
+        while demand(k, high, alone=True) > float(capacity[k]) and high < 1e6:
+            high *= 2.0
+        prices[k] = smallest_price(k, 0.0, high, alone=True)
 
     for _ in range(sweeps):
-        if all(demand(k, float(prices[k])) <= float(capacity[k]) for k in range(num_experts)):
-            break
+        before = prices.clone()
         for k in range(num_experts):
-            if demand(k, float(prices[k])) <= float(capacity[k]):
-                continue
-            low, high = float(prices[k]), float(prices[k]) + 1.0
-            while demand(k, high) > float(capacity[k]) and high < 1e3:
-                high *= 2.0
-            while high - low > tolerance:
-                middle = (low + high) / 2.0
-                if demand(k, middle) > float(capacity[k]):
-                    low = middle
-                else:
-                    high = middle
-            prices[k] = high
+            prices[k] = smallest_price(k, 0.0, float(prices[k]))
+        if float((before - prices).abs().max()) <= tolerance:
+            break
     # Callers shift float32 scores; round up so the float32 price still keeps demand within capacity.
     rounded = prices.float()
     return torch.where(rounded > 0, torch.nextafter(rounded, torch.tensor(float("inf"))), rounded)

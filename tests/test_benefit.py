@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from client.engine import correctness_loss, routing_cases
+from client.engine import _platt_scaling, correctness_loss, fit_correctness_anchors, routing_cases
+from common.config import TrainSettings
+from common.model import CorrectnessHeads, DeferredSegNet, NetworkConfig
 from common.routing import assign_with_capacity, benefit_scores, fit_prices
 
 
@@ -67,6 +69,85 @@ def test_fit_prices_zero_when_demand_fits():
     scores = torch.tensor([[[0.2, -0.1, -0.3, -0.2]], [[0.0, 0.0, 0.0, 0.0]]])
     prices = fit_prices([scores], [torch.ones(1, 4, dtype=torch.bool)], torch.tensor([0.5]), [torch.tensor([True])])
     assert float(prices[0]) == 0.0
+
+
+def test_fit_prices_when_experts_scores_move_together():
+    # Expert 1's benefit is expert 0's plus 0.05 on every pixel, as with untrained corrections. Raising prices
+    # from zero hands the pixels back and forth and, after 20 sweeps, still leaves expert 1 far over capacity.
+    # Alone, expert 0 fits its 2 pixels (benefits 0.9, 1.0) at a price just above 0.8 and expert 1 (0.95,
+    # 1.05) at one just above 0.85. With both prices the two experts tie on every pixel, so the top 2 pixels
+    # go to one of them; lowering either price would take the pixel at 0.8 as well (3 > 2).
+    benefits = torch.linspace(0.1, 1.0, 10).view(1, 1, 10)
+    scores = torch.cat([benefits, benefits + 0.05, torch.zeros(1, 1, 10)])
+    prices = fit_prices([scores], [torch.ones(1, 10, dtype=torch.bool)], torch.tensor([0.2, 0.2]), [torch.tensor([True, True])])
+    assert 0.8 <= float(prices[0]) <= 0.8 + 1e-3
+    assert 0.85 <= float(prices[1]) <= 0.85 + 1e-3
+    adjusted = scores.clone()
+    adjusted[:-1] -= prices.view(-1, 1, 1)
+    owner = adjusted.argmax(dim=0)[0].tolist()
+    assert owner[:8] == [2] * 8
+    assert owner[8] == owner[9] != 2
+
+
+def test_untrained_corrections_rank_as_confidence_deferral():
+    torch.manual_seed(0)
+    heads = CorrectnessHeads(in_channels=1, num_experts=2)
+    with torch.no_grad():
+        heads.confidence_scale.fill_(1.5)
+        heads.confidence_shift.fill_(-0.25)
+        heads.expert_heads.bias.copy_(torch.tensor([logit(0.9), logit(0.97)]))
+    seg_logit = torch.randn(1, 1, 6, 6) * 3
+    logits = heads(torch.rand(1, 1, 6, 6), seg_logit)[0]
+    assert torch.allclose(logits[0], torch.full((6, 6), logit(0.9)), atol=1e-6)
+    assert torch.allclose(logits[1], torch.full((6, 6), logit(0.97)), atol=1e-6)
+    assert torch.allclose(logits[2], 1.5 * seg_logit[0, 0].abs() - 0.25, atol=1e-6)
+    # The best expert is the more accurate one everywhere, and benefit falls as the model's margin grows.
+    scores = benefit_scores(logits)
+    assert bool((scores[1] > scores[0]).all())
+    order_by_benefit = torch.argsort(scores[1].flatten(), descending=True, stable=True)
+    order_by_margin = torch.argsort(seg_logit.abs().flatten(), stable=True)
+    assert torch.equal(order_by_benefit, order_by_margin)
+
+
+def test_platt_scaling_recovers_known_parameters():
+    generator = torch.Generator().manual_seed(0)
+    margin = torch.rand(200_000, generator=generator) * 6
+    right = torch.bernoulli(torch.sigmoid(0.8 * margin - 0.5), generator=generator)
+    scale, shift = _platt_scaling(margin, right)
+    assert scale == pytest.approx(0.8, abs=0.03)
+    assert shift == pytest.approx(-0.5, abs=0.03)
+
+
+class FixedSampler:
+    """Returns the same batch every time."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def sample(self, batch_size):
+        return self.batch
+
+
+def test_anchors_take_each_experts_accuracy_on_the_routing_data():
+    # 4 x 4 ROI pixels, reference foreground on the left half. Expert 0 is wrong on 4 of 16 pixels (accuracy
+    # 0.75), expert 1 on 1 of 16 (0.9375) but is unavailable in the second image, which must not count.
+    reference = torch.zeros(2, 1, 4, 4)
+    reference[..., :2] = 1
+    experts = reference.repeat(1, 2, 1, 1)
+    experts[:, 0, 0, :] = 1 - experts[:, 0, 0, :]
+    experts[0, 1, 3, 3] = 1
+    experts[1, 1] = 1 - reference[1, 0]
+    batch = {
+        "image": torch.rand(2, 1, 4, 4),
+        "reference": reference,
+        "roi": torch.ones(2, 1, 4, 4),
+        "experts": experts,
+        "available": torch.tensor([[True, True], [True, False]]),
+    }
+    model = DeferredSegNet(NetworkConfig(in_channels=1, channels=(4, 8), features=4), num_experts=2)
+    fit_correctness_anchors(model, FixedSampler(batch), TrainSettings(batch_size=2), torch.device("cpu"), batches=2)
+    assert model.correctness.expert_heads.bias.tolist() == pytest.approx([logit(0.75), logit(15 / 16)], abs=1e-5)
+    assert model.correctness.confidence_scale.item() >= 0
 
 
 def test_routing_data_is_the_calibration_split():

@@ -76,6 +76,12 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         default=0.0,
         help="weight of the soft load-balancing term with upper bounds at capacity (default 0: off)",
     )
+    parser.add_argument(
+        "--load-balancing-floor",
+        type=float,
+        default=LossWeights.load_balancing_floor,
+        help="share of each capacity used as the lower bound of the load-balancing term (default %(default)s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run_train)
 
@@ -94,7 +100,7 @@ def run_train(args: argparse.Namespace) -> int:
         calibration_epochs=args.calibration_epochs,
     )
     out_dir = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
-    weights = LossWeights(load_balancing=args.load_balancing)
+    weights = LossWeights(load_balancing=args.load_balancing, load_balancing_floor=args.load_balancing_floor)
 
     with tempfile.TemporaryDirectory(prefix="deferredseg-synthetic-") as scratch:
         site_dirs = list(args.site)

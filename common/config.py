@@ -107,6 +107,7 @@ class FederationConfig:
         price_step: step size of the capacity-price update.
         workload_beta: strength of the workload-aware weighting.
         load_balancing: weight of DeferredSeg's soft load-balancing term (0 turns it off).
+        load_balancing_floor: share of each expert's upper bound that becomes its lower bound in that term.
     """
 
     sites: tuple[SiteEntry, ...]
@@ -122,6 +123,7 @@ class FederationConfig:
     price_step: float = 0.1
     workload_beta: float = 1.0
     load_balancing: float = 0.0
+    load_balancing_floor: float = LossWeights.load_balancing_floor
 
     @property
     def resolved_min_sites(self) -> int:
@@ -144,6 +146,7 @@ _TOP_KEYS = {
     "price-step",
     "workload-beta",
     "load-balancing",
+    "load-balancing-floor",
     "sites",
     "seed",
 } | set(_TRAIN_KEYS)
@@ -198,6 +201,7 @@ def parse_federation(raw: Mapping[str, Any], base_dir: Path, source: str = "fede
             price_step=float(raw.get("price-step", 0.1)),
             workload_beta=float(raw.get("workload-beta", 1.0)),
             load_balancing=float(raw.get("load-balancing", 0.0)),
+            load_balancing_floor=float(raw.get("load-balancing-floor", LossWeights.load_balancing_floor)),
         )
     except (TypeError, ValueError) as error:
         raise ValueError(f"{source}: {error}") from None
@@ -321,7 +325,7 @@ def federation_settings(config: FederationConfig, in_channels: int) -> RunSettin
             backbone=config.backbone, in_channels=in_channels, features=config.features, channels=config.channels
         ),
         train=config.train,
-        loss=LossWeights(load_balancing=config.load_balancing),
+        loss=LossWeights(load_balancing=config.load_balancing, load_balancing_floor=config.load_balancing_floor),
         local_epochs=config.local_epochs,
     )
 

@@ -256,8 +256,10 @@ def load_balancing(
     expert's channel below the model channel everywhere, so argmax never defers. A low temperature sharpens
     pi towards the argmax, so the mean approaches the realized (hard) load.
 
-    NOTE: sharpening alone does not prevent that collapse. With temperature 0.1 and upper bounds at a
-    capacity of 0.05, weights 1.0 (DRIVE, CHASE_DB1) and 0.1 (DRIVE) still ended with no deferral at all.
+    Sharpening alone does not prevent that collapse: with temperature 0.1 and upper bounds at a capacity of
+    0.05, weights 1.0 (DRIVE, CHASE_DB1) and 0.1 (DRIVE) still ended with no deferral at all. The bound has
+    only a downward pull while lower_k = 0, so :func:`deferredseg_loss` raises each lower bound to a share of
+    the upper one (``LossWeights.load_balancing_floor``), which keeps every expert channel in use.
 
     Args:
         routing_logits: routing logits `B(K+1)HW`, model channel last.
@@ -307,8 +309,10 @@ class LossWeights:
         channel, and then argmax never defers. Capacity is enforced by the capacity-constrained routing at
         inference instead.
     load_balancing_temperature: softmax temperature of the load-balancing term. The default 0.1 applies the
-        bounds to nearly hard loads; 1.0 is DeferredSeg's form. Neither kept any deferral on the real sites,
-        which is one more reason the term is off by default.
+        bounds to nearly hard loads; 1.0 is DeferredSeg's form.
+    load_balancing_floor: each expert's lower bound is raised to at least this share of its upper bound, in
+        [0, 1]. With a floor of 0 (DeferredSeg's bounds [0, capacity]) the term stopped all deferral on the
+        real sites. The floor acts in training only; at inference capacity stays a maximum, not a quota.
     wrong_expert_penalty: add the bounded wrong-expert penalty to the surrogate.
     deferral_mse_weight: weight of the squared error inside the deferral predictor loss.
     deferral_sparsity_weight: weight of mean(q) inside the deferral predictor loss.
@@ -320,6 +324,7 @@ class LossWeights:
     coherence: float = 0.1
     load_balancing: float = 0.0
     load_balancing_temperature: float = 0.1
+    load_balancing_floor: float = 0.5
     wrong_expert_penalty: bool = False
     deferral_mse_weight: float = 1.0
     deferral_sparsity_weight: float = 0.01
@@ -332,6 +337,10 @@ class LossWeights:
         if not self.load_balancing_temperature > 0:
             raise ValueError(
                 f"LossWeights.load_balancing_temperature={self.load_balancing_temperature} is invalid, use a value > 0"
+            )
+        if not 0 <= self.load_balancing_floor <= 1:
+            raise ValueError(
+                f"LossWeights.load_balancing_floor={self.load_balancing_floor} is invalid, use a value in [0, 1]"
             )
         if not any(getattr(self, name) > 0 for name in TERM_NAMES):
             raise ValueError(f"all term weights {TERM_NAMES} are 0, give at least one a positive weight")
@@ -352,7 +361,8 @@ def deferredseg_loss(
     """Compute the weighted sum of the DeferredSeg loss terms.
 
     Shapes and value ranges are those of the term functions. Spatial coherence is applied to
-    q = sigmoid(deferral_logit). `lower` and `upper` (shape `K`) are required when `weights.load_balancing > 0`.
+    q = sigmoid(deferral_logit). `lower` and `upper` (shape `K`) are required when `weights.load_balancing > 0`;
+    each lower bound is raised to at least `weights.load_balancing_floor * upper`.
 
     Returns:
         The scalar total loss and a dict with the detached float value of each computed (non-zero weight)
@@ -389,8 +399,9 @@ def deferredseg_loss(
         terms["coherence"] = spatial_coherence(torch.sigmoid(deferral_logit), roi)
     if weights.load_balancing > 0:
         assert lower is not None and upper is not None
+        floor = torch.maximum(lower, weights.load_balancing_floor * upper)
         terms["load_balancing"] = load_balancing(
-            routing_logits, roi, lower, upper, temperature=weights.load_balancing_temperature
+            routing_logits, roi, floor, upper, temperature=weights.load_balancing_temperature
         )
 
     total = sum((getattr(weights, name) * value for name, value in terms.items()), start=seg_logit.new_zeros(()))

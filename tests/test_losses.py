@@ -261,6 +261,32 @@ def test_load_balancing_rejects_bounds() -> None:
         load_balancing(routing, roi, torch.zeros(2), torch.ones(3))
 
 
+def test_load_balancing_floor_raises_the_lower_bound() -> None:
+    # One pixel with logits ln(0.2), ln(0.05), ln(0.75), so pi = (0.2, 0.05, 0.75) at temperature 1, model last.
+    # Bounds [0, 0.5] per expert with a floor of 0.5 become [0.25, 0.5]: expert 0 is 0.05 short and
+    # expert 1 0.2 short, so the term is 0.25. With a floor of 0 the loads are inside [0, 0.5], so it is 0.
+    routing = torch.tensor([math.log(0.2), math.log(0.05), math.log(0.75)]).reshape(1, 3, 1, 1)
+    inputs = {
+        "seg_logit": torch.zeros(1, 1, 1, 1),
+        "routing_logits": routing,
+        "deferral_logit": torch.zeros(1, 1, 1, 1),
+        "reference": torch.ones(1, 1, 1, 1),
+        "expert_masks": torch.ones(1, 2, 1, 1),
+        "expert_available": torch.ones(1, 2, dtype=torch.bool),
+        "roi": torch.ones(1, 1, 1, 1),
+        "lower": torch.zeros(2),
+        "upper": torch.full((2,), 0.5),
+    }
+    floored = LossWeights(load_balancing=1.0, load_balancing_temperature=1.0, load_balancing_floor=0.5)
+    _, values = deferredseg_loss(**inputs, weights=floored)
+    assert values["load_balancing"] == pytest.approx(0.25, rel=1e-6)
+    unfloored = LossWeights(load_balancing=1.0, load_balancing_temperature=1.0, load_balancing_floor=0.0)
+    _, values = deferredseg_loss(**inputs, weights=unfloored)
+    assert values["load_balancing"] == 0.0
+    with pytest.raises(ValueError, match="load_balancing_floor"):
+        LossWeights(load_balancing_floor=1.5)
+
+
 def random_inputs(generator: torch.Generator, n_experts: int = 2) -> dict[str, torch.Tensor]:
     shape = (2, 1, 6, 6)
     return {

@@ -159,7 +159,8 @@ def train_sites(
     )
     priorities = [expert_priority(s.split("validation"), len(s.experts)) for s in sites]
 
-    # The soft load-balancing term, when on, bounds each expert's load to [0, capacity].
+    # The soft load-balancing term, when on, bounds each expert's load to [0, capacity], with the lower bound
+    # raised to the loss weights' floor.
     capacities = [c for s in sites for c in s.capacity]
     bounds = Bounds(lower=torch.zeros(len(capacities)), upper=torch.tensor(capacities)) if capacities else None
 

@@ -6,6 +6,7 @@ import sys
 import tomllib
 
 import pytest
+import torch
 
 from tests.conftest import REPO_ROOT
 from tests.test_simulate import run_cli, write_federation
@@ -115,3 +116,42 @@ def test_resume_after_interruption(tmp_path, tiny_sites):
     for index in (1, 2):
         assert (run_dir / "state" / f"site-{index}" / "run" / "heads" / "round-0002.safetensors").exists()
     assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 2
+
+
+def test_benefit_router_in_federation(tmp_path, tiny_sites):
+    from safetensors.torch import load_file
+
+    federation = write_federation(
+        tmp_path / "fed.toml", tiny_sites, rounds=2, router="benefit", **{"calibration-epochs": 1}
+    )
+    run_dir = tmp_path / "run"
+    result = run_faulty(federation, run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # The correctness trunk, the model head and its anchors are shared; the expert heads never leave the site.
+    replies = [json.loads(p.read_text()) for p in (run_dir / "replies").glob("train-*.json")]
+    assert len(replies) == 4
+    for reply in replies:
+        names = reply["arrays"]["arrays"]
+        assert {"correctness.confidence_scale", "correctness.model_head.weight", "correctness.trunk.0.weight"} <= set(
+            names
+        )
+        assert not [name for name in names if name.startswith("correctness.expert_heads.")]
+    final = load_file(str(run_dir / "model-final.safetensors"))
+    assert "correctness.model_head.weight" in final
+    assert not [name for name in final if name.startswith("correctness.expert_heads.")]
+
+    # Each site kept expert heads of its own, fitted to its own experts' accuracy (anchors differ by site).
+    heads = [
+        load_file(str(run_dir / "state" / f"site-{i}" / "run" / "heads" / "round-0002.safetensors")) for i in (1, 2)
+    ]
+    biases = [h["correctness.expert_heads.bias"] for h in heads]
+    for site_dir, bias in zip(tiny_sites, biases):
+        assert bias.numel() == len(tomllib.loads((site_dir / "site.toml").read_text())["experts"])
+    assert not torch.equal(biases[0], biases[1])
+
+    # The coordinator's prices reached the benefit router: round 2 ran with the prices from round 1's demand.
+    history = read_history(run_dir)
+    assert [h["round"] for h in history] == [1, 2]
+    for site in history[1]["sites"].values():
+        assert all(values["price"] >= 0 for values in site["experts"].values())

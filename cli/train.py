@@ -21,6 +21,8 @@ from cli.report import format_site_table
 from client.engine import (
     Bounds,
     PatchSampler,
+    RoutingSource,
+    cross_fitted_sources,
     evaluate_cases,
     expert_priority,
     fit_validation_prices,
@@ -136,8 +138,10 @@ def train_sites(
     benefit router, whose heads are trained only afterwards). Only that network is scored on the test splits.
 
     With the benefit router, a second stage trains the correctness heads on the calibration splits with the
-    segmentor fixed. It then fits each site's capacity prices on its validation split, so that demand stays
-    within capacity, and the test split is routed with those prices.
+    segmentor fixed. Where a site has no calibration split, the heads learn from cross-fitting within the
+    pooled train split instead (:func:`client.engine.cross_fitted_sources`), and the site result says so
+    under ``routing_data``. It then fits each site's capacity prices on its validation split, so that demand
+    stays within capacity, and the test split is routed with those prices.
     """
     in_channels = {s.spec.in_channels for s in sites}
     if len(in_channels) != 1:
@@ -191,11 +195,26 @@ def train_sites(
 
     model.load_state_dict(best_state)
     prices: list[list[float] | None] = [None] * len(sites)
+    routing_note = ""
     if settings.router == "benefit":
-        routing_data = pool_cases([routing_cases(s.split("calibration"), s.split("train")) for s in sites], counts)
-        calibration_sampler = PatchSampler(routing_data, settings.patch_size, settings.seed + 1)
-        loss = train_correctness(model, calibration_sampler, settings, settings.calibration_epochs, device)
-        logger.info("correctness heads trained on %d calibration cases, loss %.4f", len(routing_data), loss)
+        without = [s.site_id for s in sites if not s.split("calibration")]
+        if without:
+            # Fallback for sites too small to spare calibration cases: cross-fitting within the train split.
+            logger.warning(
+                "sites %s have no calibration split; the correctness heads learn from cross-fitting within the "
+                "train split (2 extra trainings). A calibration split in site.toml is the better choice.",
+                ", ".join(without),
+            )
+            routing: list[RoutingSource] | PatchSampler = cross_fitted_sources(
+                train_cases, network, sum(counts), settings, weights, device, bounds=bounds
+            )
+            routing_note = f"cross-fitted within the train split (2 folds of {len(train_cases)} cases)"
+        else:
+            routing_data = pool_cases([routing_cases(s.split("calibration"), s.split("train")) for s in sites], counts)
+            routing = PatchSampler(routing_data, settings.patch_size, settings.seed + 1)
+            routing_note = f"calibration split ({len(routing_data)} cases)"
+        loss = train_correctness(model, routing, settings, settings.calibration_epochs, device)
+        logger.info("correctness heads trained on the %s, loss %.4f", routing_note, loss)
         for index, (site, offset) in enumerate(zip(sites, offsets)):
             channels = list(range(offset, offset + len(site.experts)))
             prices[index] = fit_validation_prices(
@@ -210,6 +229,8 @@ def train_sites(
             prices=site_prices, channels=channels,
         )
         result["router"] = settings.router
+        if settings.router == "benefit":
+            result["routing_data"] = routing_note
         result["prices"] = dict(zip(site.expert_ids, site_prices or [0.0] * len(site.experts)))
         site_results[site.site_id] = result
 

@@ -16,7 +16,7 @@ from monai.transforms import Compose, FgBgToIndicesd, RandCropByPosNegLabeld, Ra
 from common.config import TrainSettings
 from common.losses import LossWeights, deferredseg_loss
 from common.metrics import ImageEvaluation, evaluate_image, expert_accuracy, summarize
-from common.model import DeferredSegNet
+from common.model import DeferredSegNet, NetworkConfig
 from common.routing import Routing, assign_with_capacity, fit_prices, routing_scores
 from common.site import Case
 
@@ -197,30 +197,59 @@ def correctness_loss(out_seg_logit: torch.Tensor, correctness_logits: torch.Tens
     return (per_pixel * weight).sum() / weight.sum().clamp(min=1.0)
 
 
-def _routing_batch(model: DeferredSegNet, sampler: PatchSampler, batch_size: int, device: torch.device):
-    batch = {k: v.to(device) for k, v in sampler.sample(batch_size).items()}
+class RoutingSource(NamedTuple):
+    """Routing data for the correctness heads: patches, and the segmentor whose errors the heads learn.
+
+    Attributes:
+        sampler: draws patches of routing cases.
+        segmentor: network whose segmentation logits the heads see on those patches. It has not trained on
+            them, so it errs there as on new images: the final network on the calibration split, or a
+            cross-fitting fold network on the fold it left out.
+    """
+
+    sampler: PatchSampler
+    segmentor: DeferredSegNet
+
+
+def _as_sources(model: DeferredSegNet, routing: PatchSampler | Sequence[RoutingSource]) -> list[RoutingSource]:
+    if isinstance(routing, (list, tuple)):
+        if not routing:
+            raise ValueError("no routing data for the correctness heads")
+        return list(routing)
+    return [RoutingSource(routing, model)]
+
+
+def _routing_batch(source: RoutingSource, batch_size: int, device: torch.device):
+    batch = {k: v.to(device) for k, v in source.sampler.sample(batch_size).items()}
+    segmentor = source.segmentor.to(device).eval()
     with torch.no_grad():
-        seg_logit = model.seg_head(model.backbone(batch["image"]))
+        seg_logit = segmentor.seg_head(segmentor.backbone(batch["image"]))
     return batch, seg_logit
 
 
 @torch.no_grad()
 def fit_correctness_anchors(
-    model: DeferredSegNet, sampler: PatchSampler, settings: TrainSettings, device: torch.device, batches: int = 8
+    model: DeferredSegNet,
+    routing: PatchSampler | Sequence[RoutingSource],
+    settings: TrainSettings,
+    device: torch.device,
+    batches: int = 8,
 ) -> None:
     """Set the anchors of the correctness heads from routing data, before their corrections train.
 
     The model head's scale and shift are fitted by logistic regression of "the model is right" on |logit|
     (Platt scaling); each expert head's bias becomes the logit of that expert's pixel accuracy. Both use the
-    ROI pixels of ``batches`` batches from ``sampler``; an expert counts only where available.
+    ROI pixels of ``batches`` batches drawn from the routing sources in turn (a bare sampler pairs with
+    ``model``); an expert counts only where available.
     """
-    model.to(device).eval()
+    sources = _as_sources(model, routing)
+    model.to(device)
     heads = model.correctness
     margins, model_right = [], []
     correct = torch.zeros(model.num_experts, dtype=torch.float64)
     total = torch.zeros(model.num_experts, dtype=torch.float64)
-    for _ in range(batches):
-        batch, seg_logit = _routing_batch(model, sampler, settings.batch_size, device)
+    for step in range(batches):
+        batch, seg_logit = _routing_batch(sources[step % len(sources)], settings.batch_size, device)
         inside = batch["roi"] > 0.5
         margins.append(seg_logit.abs()[inside].float().cpu())
         model_right.append(((seg_logit > 0).float() == batch["reference"])[inside].float().cpu())
@@ -260,25 +289,30 @@ def _platt_scaling(margin: torch.Tensor, right: torch.Tensor) -> tuple[float, fl
 
 def train_correctness(
     model: DeferredSegNet,
-    sampler: PatchSampler,
+    routing: PatchSampler | Sequence[RoutingSource],
     settings: TrainSettings,
     epochs: int,
     device: torch.device,
 ) -> float:
     """Fit the anchors of the correctness heads, then train their corrections with the segmentor fixed.
 
-    Returns the last epoch's mean loss (NaN when ``epochs`` is 0). The sampler must draw from routing data
-    (the calibration split), where the model errs as it does on new images. On its own training patches the
-    model is almost always right, so the heads would learn that.
+    Returns the last epoch's mean loss (NaN when ``epochs`` is 0). ``routing`` is a sampler of the
+    calibration split, whose patches pair with ``model``'s own logits, or a list of :class:`RoutingSource`
+    used in turn (cross-fitting). The routing data must be cases the segmentor never trained on: on its own
+    training patches the model is almost always right, so the heads would learn that.
     """
-    fit_correctness_anchors(model, sampler, settings, device)
-    model.to(device).train()
+    sources = _as_sources(model, routing)
+    fit_correctness_anchors(model, sources, settings, device)
+    model.to(device)
+    model.correctness.train()
     optimizer = torch.optim.Adam(model.correctness.parameters(), lr=settings.learning_rate)
     mean_loss = float("nan")
+    step = 0
     for _ in range(epochs):
         total = 0.0
         for _ in range(settings.steps_per_epoch):
-            batch, seg_logit = _routing_batch(model, sampler, settings.batch_size, device)
+            batch, seg_logit = _routing_batch(sources[step % len(sources)], settings.batch_size, device)
+            step += 1
             optimizer.zero_grad(set_to_none=True)
             logits = model.correctness(batch["image"], seg_logit)
             loss = correctness_loss(seg_logit, logits, batch)
@@ -295,8 +329,8 @@ def routing_cases(calibration: Sequence[Case], train: Sequence[Case]) -> list[Ca
     """Return the routing data of the benefit router: the calibration split, never validation or test.
 
     Raises:
-        ValueError: when the site has no calibration split. NOTE: cross-fitting within the training split,
-            the fallback for sites too small to spare calibration cases, is not built yet.
+        ValueError: when the site has no calibration split. ``deferredseg train`` then cross-fits within the
+            training split instead (:func:`cross_fitted_sources`); the federation does not.
     """
     if not calibration:
         raise ValueError(
@@ -304,6 +338,49 @@ def routing_cases(calibration: Sequence[Case], train: Sequence[Case]) -> list[Ca
             "few training cases to calibration in site.toml, or use router = \"softmax\""
         )
     return list(calibration)
+
+
+def cross_fitted_sources(
+    train_cases: Sequence[Case],
+    network: NetworkConfig,
+    num_experts: int,
+    settings: TrainSettings,
+    weights: LossWeights,
+    device: torch.device,
+    bounds: Bounds | None = None,
+    folds: int = 2,
+) -> list[RoutingSource]:
+    """Build routing data by cross-fitting within the training split, for sites with no calibration split.
+
+    The training cases are dealt in turn into ``folds`` folds. For each fold a fresh network trains for
+    ``settings.epochs`` epochs on the other folds, and the heads later learn from its errors on the fold it
+    left out. This costs ``folds`` extra trainings, and the fold networks see less data than the final one,
+    so they err somewhat more often than it does; a calibration split is the better choice where a site can
+    spare a few cases.
+
+    Raises:
+        ValueError: when there are fewer training cases than folds.
+    """
+    if folds < 2 or len(train_cases) < folds:
+        raise ValueError(
+            f"cross-fitting needs at least {max(folds, 2)} training cases and 2 folds, got {len(train_cases)} "
+            f"cases and {folds} folds; add a calibration split to site.toml"
+        )
+    sources = []
+    for fold in range(folds):
+        held_out = [case for i, case in enumerate(train_cases) if i % folds == fold]
+        rest = [case for i, case in enumerate(train_cases) if i % folds != fold]
+        torch.manual_seed(settings.seed + 1000 * (fold + 1))
+        segmentor = DeferredSegNet(network, num_experts=num_experts).to(device)
+        sampler = PatchSampler(rest, settings.patch_size, settings.seed + 1000 * (fold + 1))
+        train_epochs(segmentor, sampler, settings, weights, settings.epochs, device, bounds=bounds)
+        held_out_sampler = PatchSampler(held_out, settings.patch_size, settings.seed + 1000 * (fold + 1) + 1)
+        sources.append(RoutingSource(held_out_sampler, segmentor.eval()))
+        logger.info(
+            "cross-fitting fold %d of %d: trained on %d cases, routing data from the other %d",
+            fold + 1, folds, len(rest), len(held_out),
+        )
+    return sources
 
 
 def _window_size(height: int, width: int, settings: TrainSettings, factor: int) -> tuple[int, int]:

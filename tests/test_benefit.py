@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from client.engine import _platt_scaling, correctness_loss, fit_correctness_anchors, routing_cases
+from client.engine import (
+    _platt_scaling,
+    correctness_loss,
+    cross_fitted_sources,
+    fit_correctness_anchors,
+    routing_cases,
+)
 from common.config import TrainSettings
 from common.model import CorrectnessHeads, DeferredSegNet, NetworkConfig
 from common.routing import assign_with_capacity, benefit_scores, fit_prices
@@ -155,6 +161,11 @@ def test_routing_data_is_the_calibration_split():
     assert routing_cases(calibration, train) == ["c1", "c2"]
     with pytest.raises(ValueError, match="calibration split"):
         routing_cases([], train)
+
+
+def test_cross_fitting_needs_two_training_cases():
+    with pytest.raises(ValueError, match="add a calibration split"):
+        cross_fitted_sources(["only-one"], NetworkConfig(), 1, TrainSettings(), None, torch.device("cpu"))
 
 
 def test_correctness_loss_targets():

@@ -106,3 +106,44 @@ def test_train_with_load_balancing_on(tmp_path, tiny_sites):
     assert summary["config"]["loss"]["load_balancing"] == 1.0
     for expert in summary["sites"]["site-1"]["experts"].values():
         assert expert["load"] <= expert["capacity"] + 1e-12
+
+
+def test_benefit_router_cross_fits_without_a_calibration_split(tmp_path, tiny_sites, monkeypatch):
+    import tomli_w
+
+    import cli.train
+    import client.engine
+    from client.sitedata import open_site
+    from common.config import TrainSettings
+    from common.losses import LossWeights
+    from common.model import NetworkConfig
+
+    # Move the calibration cases into train: the site now has none to spare.
+    toml_path = tiny_sites[0] / "site.toml"
+    raw = tomllib.loads(toml_path.read_text())
+    raw["splits"]["train"] += raw["splits"].pop("calibration")
+    toml_path.write_text(tomli_w.dumps(raw))
+    site = open_site(tiny_sites[0])
+    train_ids = list(site.spec.splits["train"])
+
+    samplers = []
+    real_sampler = client.engine.PatchSampler
+
+    def spy(cases, patch_size, seed):
+        samplers.append([case.case_id for case in cases])
+        return real_sampler(cases, patch_size, seed)
+
+    monkeypatch.setattr(client.engine, "PatchSampler", spy)
+    settings = TrainSettings(
+        epochs=1, steps_per_epoch=2, batch_size=2, patch_size=32, router="benefit", calibration_epochs=1
+    )
+    network = NetworkConfig(in_channels=1, channels=(8, 16), features=8)
+    summary = cli.train.train_sites([site], tmp_path / "run", settings, network, LossWeights(), progress=False)
+
+    # Two folds dealt in turn: each fold network trains on one half and its routing data is the other half.
+    evens, odds = train_ids[0::2], train_ids[1::2]
+    assert samplers == [odds, evens, evens, odds]
+    held_out = set(samplers[1]) | set(samplers[3])
+    assert held_out == set(train_ids)
+    assert not held_out & (set(site.spec.splits["test"]) | set(site.spec.splits["validation"]))
+    assert summary["sites"]["site-1"]["routing_data"].startswith("cross-fitted within the train split")

@@ -34,8 +34,11 @@ class TrainSettings:
         inference_window: side of the sliding window at inference, in pixels.
         seed: seed of weight initialization and patch sampling.
         device: ``"auto"`` (CUDA with mixed precision when present, CPU otherwise), ``"cpu"`` or ``"cuda"``.
-        router: ``"softmax"`` (DeferredSeg's routing channels, scored by their probabilities) or
-            ``"benefit"`` (per-agent correctness heads, scored by P(expert right) - P(model right)).
+        router: ``"benefit"`` (per-agent correctness heads, scored by P(expert right) - P(model right)) or
+            ``"softmax"`` (DeferredSeg's routing channels, scored by their probabilities). ``benefit`` is the
+            default because it beat confidence deferral on both retina sites over 3 paired seeds, and
+            confidence deferral beat ``softmax`` everywhere (``docs/routing.md``). It needs a calibration
+            split in a federation; ``softmax`` reproduces DeferredSeg.
         calibration_epochs: epochs of the benefit router's second stage on the calibration split.
     """
 
@@ -48,7 +51,7 @@ class TrainSettings:
     inference_window: int = 128
     seed: int = 0
     device: str = "auto"
-    router: str = "softmax"
+    router: str = "benefit"
     calibration_epochs: int = 5
 
     def __post_init__(self) -> None:

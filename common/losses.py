@@ -243,13 +243,22 @@ def spatial_coherence(deferral_prob: Tensor, roi: Tensor) -> Tensor:
 
 
 def load_balancing(
-    routing_logits: Tensor, roi: Tensor, lower: Tensor, upper: Tensor, temperature: float = 1.0
+    routing_logits: Tensor,
+    roi: Tensor,
+    lower: Tensor,
+    upper: Tensor,
+    temperature: float = 1.0,
+    hard: bool = False,
 ) -> Tensor:
     """Penalize expert channels whose mean routing probability leaves [lower_k, upper_k].
 
     Returns `sum_k relu(mean_roi(pi_k) - upper_k) + relu(lower_k - mean_roi(pi_k))` over the expert channels,
     where the mean runs over all ROI pixels of the batch and `pi = softmax(r / temperature)`. The model channel
     has no bound. The coordinator sends the bounds each round (upper_k = capacity_k, lower_k = 0).
+
+    With ``hard``, `pi` is the one-hot argmax of the routing logits, the load the router really defers, and
+    the gradient is that of `softmax(r / temperature)` (straight-through). Soft probabilities can meet a
+    lower bound with no pixel routed at all: an expert channel just below the model channel everywhere.
 
     With temperature 1 this is DeferredSeg's term on soft probabilities. An accurate expert then has a
     large share of probability on almost every pixel, and an upper bound at capacity level pushes that
@@ -286,7 +295,11 @@ def load_balancing(
     if n_experts == 0:
         return routing_logits.new_zeros(())
 
-    pi = torch.softmax(routing_logits / temperature, dim=1)[:, :n_experts]
+    soft = torch.softmax(routing_logits / temperature, dim=1)
+    if hard:
+        one_hot = F.one_hot(routing_logits.argmax(dim=1), routing_logits.shape[1]).permute(0, 3, 1, 2).to(soft)
+        soft = one_hot + soft - soft.detach()
+    pi = soft[:, :n_experts]
     mean_pi = (pi * roi).sum(dim=(0, 2, 3)) / roi.sum().clamp(min=1)
     lower = lower.to(device=mean_pi.device, dtype=mean_pi.dtype)
     upper = upper.to(device=mean_pi.device, dtype=mean_pi.dtype)
@@ -313,6 +326,8 @@ class LossWeights:
     load_balancing_floor: each expert's lower bound is raised to at least this share of its upper bound, in
         [0, 1]. With a floor of 0 (DeferredSeg's bounds [0, capacity]) the term stopped all deferral on the
         real sites. The floor acts in training only; at inference capacity stays a maximum, not a quota.
+    load_balancing_hard: apply the bounds to the hard (argmax) loads, with the gradient of the sharpened
+        softmax (straight-through). On soft loads a floor of 0.5 still left CHASE_DB1 with no deferral.
     wrong_expert_penalty: add the bounded wrong-expert penalty to the surrogate.
     deferral_mse_weight: weight of the squared error inside the deferral predictor loss.
     deferral_sparsity_weight: weight of mean(q) inside the deferral predictor loss.
@@ -325,6 +340,7 @@ class LossWeights:
     load_balancing: float = 0.0
     load_balancing_temperature: float = 0.1
     load_balancing_floor: float = 0.5
+    load_balancing_hard: bool = True
     wrong_expert_penalty: bool = False
     deferral_mse_weight: float = 1.0
     deferral_sparsity_weight: float = 0.01
@@ -401,7 +417,12 @@ def deferredseg_loss(
         assert lower is not None and upper is not None
         floor = torch.maximum(lower, weights.load_balancing_floor * upper)
         terms["load_balancing"] = load_balancing(
-            routing_logits, roi, floor, upper, temperature=weights.load_balancing_temperature
+            routing_logits,
+            roi,
+            floor,
+            upper,
+            temperature=weights.load_balancing_temperature,
+            hard=weights.load_balancing_hard,
         )
 
     total = sum((getattr(weights, name) * value for name, value in terms.items()), start=seg_logit.new_zeros(()))

@@ -277,14 +277,34 @@ def test_load_balancing_floor_raises_the_lower_bound() -> None:
         "lower": torch.zeros(2),
         "upper": torch.full((2,), 0.5),
     }
-    floored = LossWeights(load_balancing=1.0, load_balancing_temperature=1.0, load_balancing_floor=0.5)
+    floored = LossWeights(
+        load_balancing=1.0, load_balancing_temperature=1.0, load_balancing_floor=0.5, load_balancing_hard=False
+    )
     _, values = deferredseg_loss(**inputs, weights=floored)
     assert values["load_balancing"] == pytest.approx(0.25, rel=1e-6)
-    unfloored = LossWeights(load_balancing=1.0, load_balancing_temperature=1.0, load_balancing_floor=0.0)
+    unfloored = LossWeights(
+        load_balancing=1.0, load_balancing_temperature=1.0, load_balancing_floor=0.0, load_balancing_hard=False
+    )
     _, values = deferredseg_loss(**inputs, weights=unfloored)
     assert values["load_balancing"] == 0.0
     with pytest.raises(ValueError, match="load_balancing_floor"):
         LossWeights(load_balancing_floor=1.5)
+
+
+def test_load_balancing_hard_counts_routed_pixels() -> None:
+    # Two pixels: pixel 0 routes to expert 0 (logit 2 against the model's 1), pixel 1 stays with the model.
+    # Hard loads are (0.5, 0): expert 0 is 0.25 over its upper bound 0.25 and expert 1 is 0.1 under its lower
+    # bound 0.1, so the term is 0.35. Soft probabilities give mean loads of about (0.355, 0.068) instead.
+    routing = torch.tensor([[[[2.0, 0.0]], [[0.0, 0.0]], [[1.0, 3.0]]]], requires_grad=True)
+    roi = torch.ones(1, 1, 1, 2)
+    lower, upper = torch.tensor([0.0, 0.1]), torch.tensor([0.25, 0.5])
+    loss = load_balancing(routing, roi, lower, upper, temperature=1.0, hard=True)
+    assert loss.item() == pytest.approx(0.35, rel=1e-6)
+    # The gradient is the softmax's: it lowers expert 0's logits and raises expert 1's on both pixels.
+    loss.backward()
+    assert bool((routing.grad[0, 0] > 0).all()) and bool((routing.grad[0, 1] < 0).all())
+    soft = load_balancing(routing.detach(), roi, lower, upper, temperature=1.0)
+    assert soft.item() == pytest.approx(0.13761, abs=1e-4)
 
 
 def random_inputs(generator: torch.Generator, n_experts: int = 2) -> dict[str, torch.Tensor]:

@@ -42,7 +42,7 @@ LOG_TAIL_CHARS = 3000
 # built yet, and its table rows show "not built yet".
 RouterSetup = Callable[[TrainSettings, LossWeights], tuple[TrainSettings, LossWeights]]
 ROUTERS: dict[str, RouterSetup | None] = {
-    "softmax": lambda train, loss: (train, loss),
+    "softmax": lambda train, loss: (replace(train, router="softmax"), loss),
     "benefit": lambda train, loss: (replace(train, router="benefit"), loss),
 }
 

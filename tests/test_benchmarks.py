@@ -355,3 +355,13 @@ def test_deferral_cell_load_balancing(tiny_sites):
 def test_deferral_cell_unbuilt_router(tiny_sites, benefit_unbuilt):
     with pytest.raises(ValueError, match="not built yet"):
         deferral_cell(tiny_sites[0], "benefit", suites.BASELINE, 0, TINY_TRAIN, TINY_NETWORK)
+
+
+def test_router_setup_selects_router():
+    from benchmarks.measure import ROUTERS
+    from common.losses import LossWeights
+
+    for name, setup in ROUTERS.items():
+        for default in ("softmax", "benefit"):
+            train, _ = setup(TrainSettings(router=default), LossWeights())
+            assert train.router == name

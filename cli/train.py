@@ -201,8 +201,8 @@ def train_sites(
         if without:
             # Fallback for sites too small to spare calibration cases: cross-fitting within the train split.
             logger.warning(
-                "sites %s have no calibration split; the correctness heads learn from cross-fitting within the "
-                "train split (2 extra trainings). A calibration split in site.toml is the better choice.",
+                "sites %s have no calibration split, so the correctness heads learn from cross-fitting within "
+                "the train split (2 extra trainings). A calibration split in site.toml is the better choice.",
                 ", ".join(without),
             )
             routing: list[RoutingSource] | PatchSampler = cross_fitted_sources(

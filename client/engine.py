@@ -214,7 +214,9 @@ class RoutingSource(NamedTuple):
 def _as_sources(model: DeferredSegNet, routing: PatchSampler | Sequence[RoutingSource]) -> list[RoutingSource]:
     if isinstance(routing, (list, tuple)):
         if not routing:
-            raise ValueError("no routing data for the correctness heads")
+            raise ValueError(
+                "no routing data for the correctness heads: pass a sampler or at least one RoutingSource"
+            )
         return list(routing)
     return [RoutingSource(routing, model)]
 
@@ -238,9 +240,9 @@ def fit_correctness_anchors(
     """Set the anchors of the correctness heads from routing data, before their corrections train.
 
     The model head's scale and shift are fitted by logistic regression of "the model is right" on |logit|
-    (Platt scaling); each expert head's bias becomes the logit of that expert's pixel accuracy. Both use the
-    ROI pixels of ``batches`` batches drawn from the routing sources in turn (a bare sampler pairs with
-    ``model``); an expert counts only where available.
+    (Platt scaling). Each expert head's bias becomes the logit of that expert's pixel accuracy. Both use the
+    ROI pixels of ``batches`` batches drawn from the routing sources in turn, where a bare sampler pairs with
+    ``model``. An expert counts only where available.
     """
     sources = _as_sources(model, routing)
     model.to(device)
@@ -270,7 +272,7 @@ def fit_correctness_anchors(
 
 
 def _platt_scaling(margin: torch.Tensor, right: torch.Tensor) -> tuple[float, float]:
-    """Fit ``P(right) = sigmoid(a * margin + b)`` by maximum likelihood; ``a`` is kept >= 0."""
+    """Fit ``P(right) = sigmoid(a * margin + b)`` by maximum likelihood and return ``(max(a, 0), b)``."""
     params = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     margin, right = margin.double(), right.double()
     optimizer = torch.optim.LBFGS([params], max_iter=100, line_search_fn="strong_wolfe")
@@ -354,8 +356,8 @@ def cross_fitted_sources(
 
     The training cases are dealt in turn into ``folds`` folds. For each fold a fresh network trains for
     ``settings.epochs`` epochs on the other folds, and the heads later learn from its errors on the fold it
-    left out. This costs ``folds`` extra trainings, and the fold networks see less data than the final one,
-    so they err somewhat more often than it does; a calibration split is the better choice where a site can
+    left out. This costs ``folds`` extra trainings. The fold networks see less data than the final one, so
+    they err somewhat more often than it does, and a calibration split is the better choice where a site can
     spare a few cases.
 
     Raises:

@@ -258,7 +258,8 @@ def load_balancing(
 
     With ``hard``, `pi` is the one-hot argmax of the routing logits, the load the router really defers, and
     the gradient is that of `softmax(r / temperature)` (straight-through). Soft probabilities can meet a
-    lower bound with no pixel routed at all: an expert channel just below the model channel everywhere.
+    lower bound with no pixel routed at all, when an expert channel stays just below the model channel on
+    every pixel.
 
     With temperature 1 this is DeferredSeg's term on soft probabilities. An accurate expert then has a
     large share of probability on almost every pixel, and an upper bound at capacity level pushes that
@@ -268,7 +269,9 @@ def load_balancing(
     Sharpening alone does not prevent that collapse: with temperature 0.1 and upper bounds at a capacity of
     0.05, weights 1.0 (DRIVE, CHASE_DB1) and 0.1 (DRIVE) still ended with no deferral at all. The bound has
     only a downward pull while lower_k = 0, so :func:`deferredseg_loss` raises each lower bound to a share of
-    the upper one (``LossWeights.load_balancing_floor``), which keeps every expert channel in use.
+    the upper one (``LossWeights.load_balancing_floor``). On soft loads that floor still left CHASE_DB1 with
+    nothing routed. On hard loads both retina sites deferred about 5% of their pixels, within capacity
+    (``docs/routing.md``).
 
     Args:
         routing_logits: routing logits `B(K+1)HW`, model channel last.
@@ -317,15 +320,14 @@ class LossWeights:
     dice: Dice loss of the segmentation.
     deferral: deferral predictor loss.
     coherence: total variation of q = sigmoid(d).
-    load_balancing: soft bounds on the mean expert routing probability. It is off (0.0) by default, because an
-        upper bound at capacity level on the mean soft probability pushes every expert channel below the model
-        channel, and then argmax never defers. Capacity is enforced by the capacity-constrained routing at
-        inference instead.
+    load_balancing: bounds on each expert's mean routing load. It is off (0.0) by default, because the
+        capacity-constrained routing at inference already enforces capacity, and even with the fixes below
+        the softmax router trails confidence deferral on the real sites.
     load_balancing_temperature: softmax temperature of the load-balancing term. The default 0.1 applies the
         bounds to nearly hard loads; 1.0 is DeferredSeg's form.
     load_balancing_floor: each expert's lower bound is raised to at least this share of its upper bound, in
         [0, 1]. With a floor of 0 (DeferredSeg's bounds [0, capacity]) the term stopped all deferral on the
-        real sites. The floor acts in training only; at inference capacity stays a maximum, not a quota.
+        real sites. The floor acts in training only. At inference capacity stays a maximum, not a quota.
     load_balancing_hard: apply the bounds to the hard (argmax) loads, with the gradient of the sharpened
         softmax (straight-through). On soft loads a floor of 0.5 still left CHASE_DB1 with no deferral.
     wrong_expert_penalty: add the bounded wrong-expert penalty to the surrogate.

@@ -114,8 +114,8 @@ class CorrectnessHeads(nn.Module):
       is zero.
 
     The corrections start at zero, so an untrained correction ranks pixels exactly as confidence deferral
-    does; the routing data has to show a difference before the ranking moves away from it. The trunk, the
-    model head and its two scalars are shared; the expert heads are site-local.
+    does. The ranking moves away from it only where the routing data shows a difference. The trunk, the
+    model head and its two scalars are shared, and the expert heads are site-local.
 
     Args:
         in_channels: image channels.

@@ -139,7 +139,7 @@ def fit_prices(
         return sum(fractions) / len(fractions)
 
     def smallest_price(k: int, low: float, high: float, alone: bool = False) -> float:
-        """Bisection for the smallest price in [low, high] whose demand fits; ``high`` must fit."""
+        """Return the smallest price in [low, high] whose demand fits, by bisection. ``high`` must fit."""
         if demand(k, low, alone) <= float(capacity[k]):
             return low
         while high - low > tolerance:

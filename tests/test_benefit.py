@@ -77,7 +77,7 @@ def test_fit_prices_zero_when_demand_fits():
     assert float(prices[0]) == 0.0
 
 
-def test_fit_prices_when_experts_scores_move_together():
+def test_fit_prices_correlated_experts():
     # Expert 1's benefit is expert 0's plus 0.05 on every pixel, as with untrained corrections. Raising prices
     # from zero hands the pixels back and forth and, after 20 sweeps, still leaves expert 1 far over capacity.
     # Alone, expert 0 fits its 2 pixels (benefits 0.9, 1.0) at a price just above 0.8 and expert 1 (0.95,
@@ -95,7 +95,7 @@ def test_fit_prices_when_experts_scores_move_together():
     assert owner[8] == owner[9] != 2
 
 
-def test_untrained_corrections_rank_as_confidence_deferral():
+def test_untrained_heads_rank_by_confidence():
     torch.manual_seed(0)
     heads = CorrectnessHeads(in_channels=1, num_experts=2)
     with torch.no_grad():
@@ -115,7 +115,7 @@ def test_untrained_corrections_rank_as_confidence_deferral():
     assert torch.equal(order_by_benefit, order_by_margin)
 
 
-def test_platt_scaling_recovers_known_parameters():
+def test_platt_scaling_recovers_parameters():
     generator = torch.Generator().manual_seed(0)
     margin = torch.rand(200_000, generator=generator) * 6
     right = torch.bernoulli(torch.sigmoid(0.8 * margin - 0.5), generator=generator)
@@ -134,7 +134,7 @@ class FixedSampler:
         return self.batch
 
 
-def test_anchors_take_each_experts_accuracy_on_the_routing_data():
+def test_anchors_take_expert_accuracy():
     # 4 x 4 ROI pixels, reference foreground on the left half. Expert 0 is wrong on 4 of 16 pixels (accuracy
     # 0.75), expert 1 on 1 of 16 (0.9375) but is unavailable in the second image, which must not count.
     reference = torch.zeros(2, 1, 4, 4)

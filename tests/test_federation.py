@@ -118,7 +118,7 @@ def test_resume_after_interruption(tmp_path, tiny_sites):
     assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 2
 
 
-def test_benefit_router_in_federation(tmp_path, tiny_sites):
+def test_benefit_router_federated(tmp_path, tiny_sites):
     from safetensors.torch import load_file
 
     federation = write_federation(
@@ -128,7 +128,7 @@ def test_benefit_router_in_federation(tmp_path, tiny_sites):
     result = run_faulty(federation, run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    # The correctness trunk, the model head and its anchors are shared; the expert heads never leave the site.
+    # The correctness trunk, the model head and its anchors are shared. The expert heads never leave the site.
     replies = [json.loads(p.read_text()) for p in (run_dir / "replies").glob("train-*.json")]
     assert len(replies) == 4
     for reply in replies:

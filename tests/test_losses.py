@@ -261,7 +261,7 @@ def test_load_balancing_rejects_bounds() -> None:
         load_balancing(routing, roi, torch.zeros(2), torch.ones(3))
 
 
-def test_load_balancing_floor_raises_the_lower_bound() -> None:
+def test_load_balancing_floor_raises_lower() -> None:
     # One pixel with logits ln(0.2), ln(0.05), ln(0.75), so pi = (0.2, 0.05, 0.75) at temperature 1, model last.
     # Bounds [0, 0.5] per expert with a floor of 0.5 become [0.25, 0.5]: expert 0 is 0.05 short and
     # expert 1 0.2 short, so the term is 0.25. With a floor of 0 the loads are inside [0, 0.5], so it is 0.
@@ -291,7 +291,7 @@ def test_load_balancing_floor_raises_the_lower_bound() -> None:
         LossWeights(load_balancing_floor=1.5)
 
 
-def test_load_balancing_hard_counts_routed_pixels() -> None:
+def test_load_balancing_hard_loads() -> None:
     # Two pixels: pixel 0 routes to expert 0 (logit 2 against the model's 1), pixel 1 stays with the model.
     # Hard loads are (0.5, 0): expert 0 is 0.25 over its upper bound 0.25 and expert 1 is 0.1 under its lower
     # bound 0.1, so the term is 0.35. Soft probabilities give mean loads of about (0.355, 0.068) instead.
@@ -302,7 +302,8 @@ def test_load_balancing_hard_counts_routed_pixels() -> None:
     assert loss.item() == pytest.approx(0.35, rel=1e-6)
     # The gradient is the softmax's: it lowers expert 0's logits and raises expert 1's on both pixels.
     loss.backward()
-    assert bool((routing.grad[0, 0] > 0).all()) and bool((routing.grad[0, 1] < 0).all())
+    assert bool((routing.grad[0, 0] > 0).all())
+    assert bool((routing.grad[0, 1] < 0).all())
     soft = load_balancing(routing.detach(), roi, lower, upper, temperature=1.0)
     assert soft.item() == pytest.approx(0.13761, abs=1e-4)
 

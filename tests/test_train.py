@@ -108,7 +108,7 @@ def test_train_with_load_balancing_on(tmp_path, tiny_sites):
         assert expert["load"] <= expert["capacity"] + 1e-12
 
 
-def test_benefit_router_cross_fits_without_a_calibration_split(tmp_path, tiny_sites, monkeypatch):
+def test_benefit_cross_fits_without_calibration(tmp_path, tiny_sites, monkeypatch):
     import tomli_w
 
     import cli.train

@@ -45,8 +45,14 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"site {args.dir}: {len(problems)} problem(s)", file=sys.stderr)
         return 1
 
-    case_count = len(list_case_ids(load_site_spec(args.dir)))
-    print(f"site {args.dir}: {case_count} cases, no problems")
+    spec = load_site_spec(args.dir)
+    print(f"site {args.dir}: {len(list_case_ids(spec))} cases, no problems")
+    if not spec.splits["calibration"]:
+        print(
+            "note: the calibration split is empty. The benefit router (the default) learns from it: "
+            "`deferredseg train` falls back to cross-fitting, and a federation rejects the site. Move a few "
+            "training cases with expert masks to calibration, or set router = \"softmax\"."
+        )
     return 0
 
 

@@ -331,6 +331,14 @@ def test_cli_check_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert capsys.readouterr().out.strip() == f"site {root}: 4 cases, no problems"
 
 
+def test_cli_check_empty_calibration_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _build_site(tmp_path, BASE_TOML.replace('calibration = ["b1"]', 'calibration = []\nvalidation = ["b1"]'))
+    assert run_check(argparse.Namespace(dir=root)) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"site {root}: 4 cases, no problems"
+    assert lines[1].startswith("note: the calibration split is empty")
+
+
 def test_cli_check_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = _build_site(tmp_path, BASE_TOML.replace("capacity = 0.05", "capacity = 1.5"))
     (root / "reference" / "b2.png").unlink()

@@ -365,3 +365,22 @@ def test_router_setup_selects_router():
         for default in ("softmax", "benefit"):
             train, _ = setup(TrainSettings(router=default), LossWeights())
             assert train.router == name
+
+
+def test_docs_hold_full_results():
+    # Every table row of docs/benchmarks.md's full-suite record must be the one the committed JSON gives.
+    from tests.conftest import REPO_ROOT
+
+    results = REPO_ROOT / "benchmarks" / "results" / "full.json"
+    if not results.exists():
+        pytest.skip("benchmarks/results/full.json is not committed yet")
+    data = json.loads(results.read_text())
+    tables = markdown_tables(suites.FULL, data["summary"], data["meta"])
+    rows = [line for line in tables.splitlines() if line.startswith("| ") and not line.startswith("|---")]
+    assert rows
+    docs = (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    start = docs.index("## Results of the full suite")
+    end = docs.find("\n## ", start + 1)
+    record = docs[start : end if end > 0 else None]
+    missing = [row for row in rows if row not in record]
+    assert not missing, missing[:3]

@@ -52,19 +52,55 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--site", action="append", type=Path, default=[], help="site folder (repeat to pool sites)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/train-<time>)")
-    parser.add_argument("--backbone", default="unet", choices=["unet", "basicunet"], help="MONAI backbone (default %(default)s)")
-    parser.add_argument("--epochs", type=int, default=TrainSettings.epochs, help="training epochs (default %(default)s)")
-    parser.add_argument("--steps-per-epoch", type=int, default=TrainSettings.steps_per_epoch, help="optimizer steps per epoch (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size, help="patches per step (default %(default)s)")
-    parser.add_argument("--patch-size", type=int, default=TrainSettings.patch_size, help="patch side, in pixels (default %(default)s)")
-    parser.add_argument("--learning-rate", type=float, default=TrainSettings.learning_rate, help="Adam learning rate (default %(default)s)")
+    parser.add_argument(
+        "--backbone",
+        default="unet",
+        choices=["unet", "basicunet"],
+        help="MONAI backbone (default %(default)s)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=TrainSettings.epochs,
+        help="training epochs (default %(default)s)",
+    )
+    parser.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=TrainSettings.steps_per_epoch,
+        help="optimizer steps per epoch (default %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=TrainSettings.batch_size,
+        help="patches per step (default %(default)s)",
+    )
+    parser.add_argument(
+        "--patch-size",
+        type=int,
+        default=TrainSettings.patch_size,
+        help="patch side, in pixels (default %(default)s)",
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=TrainSettings.learning_rate,
+        help="Adam learning rate (default %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of initialization and sampling (default %(default)s)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default %(default)s)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="compute device (default %(default)s)",
+    )
     parser.add_argument(
         "--router",
         default=TrainSettings.router,
         choices=["softmax", "benefit"],
-        help="routing rule: softmax (DeferredSeg's routing channels) or benefit (per-agent correctness heads); default %(default)s",
+        help="routing rule: benefit (per-agent correctness heads) or softmax (DeferredSeg's routing channels); "
+        "default %(default)s",
     )
     parser.add_argument(
         "--calibration-epochs",
@@ -208,7 +244,7 @@ def train_sites(
             routing: list[RoutingSource] | PatchSampler = cross_fitted_sources(
                 train_cases, network, sum(counts), settings, weights, device, bounds=bounds
             )
-            routing_note = f"cross-fitted within the train split (2 folds of {len(train_cases)} cases)"
+            routing_note = f"cross-fitted within the train split ({len(routing)} folds of {len(train_cases)} cases)"
         else:
             routing_data = pool_cases([routing_cases(s.split("calibration"), s.split("train")) for s in sites], counts)
             routing = PatchSampler(routing_data, settings.patch_size, settings.seed + 1)

@@ -211,21 +211,27 @@ class RoutingSource(NamedTuple):
     segmentor: DeferredSegNet
 
 
-def _as_sources(model: DeferredSegNet, routing: PatchSampler | Sequence[RoutingSource]) -> list[RoutingSource]:
+def _prepare_sources(
+    model: DeferredSegNet, routing: PatchSampler | Sequence[RoutingSource], device: torch.device
+) -> list[RoutingSource]:
+    """Return ``routing`` as a list of sources, a bare sampler paired with ``model``, segmentors on ``device``."""
     if isinstance(routing, (list, tuple)):
         if not routing:
             raise ValueError(
                 "no routing data for the correctness heads: pass a sampler or at least one RoutingSource"
             )
-        return list(routing)
-    return [RoutingSource(routing, model)]
+        sources = list(routing)
+    else:
+        sources = [RoutingSource(routing, model)]
+    for source in sources:
+        source.segmentor.to(device).eval()
+    return sources
 
 
 def _routing_batch(source: RoutingSource, batch_size: int, device: torch.device):
     batch = {k: v.to(device) for k, v in source.sampler.sample(batch_size).items()}
-    segmentor = source.segmentor.to(device).eval()
     with torch.no_grad():
-        seg_logit = segmentor.seg_head(segmentor.backbone(batch["image"]))
+        seg_logit = source.segmentor.seg_head(source.segmentor.backbone(batch["image"]))
     return batch, seg_logit
 
 
@@ -244,7 +250,7 @@ def fit_correctness_anchors(
     ROI pixels of ``batches`` batches drawn from the routing sources in turn, where a bare sampler pairs with
     ``model``. An expert counts only where available.
     """
-    sources = _as_sources(model, routing)
+    sources = _prepare_sources(model, routing, device)
     model.to(device)
     heads = model.correctness
     margins, model_right = [], []
@@ -255,11 +261,14 @@ def fit_correctness_anchors(
         inside = batch["roi"] > 0.5
         margins.append(seg_logit.abs()[inside].float().cpu())
         model_right.append(((seg_logit > 0).float() == batch["reference"])[inside].float().cpu())
-        if model.num_experts:
-            weight = inside.float() * batch["available"].float()[:, :, None, None]
-            right = (batch["experts"] == batch["reference"]).float()
-            correct += (right * weight).sum(dim=(0, 2, 3)).double().cpu()
-            total += weight.sum(dim=(0, 2, 3)).double().cpu()
+        if not model.num_experts:
+            continue
+        for index in range(batch["image"].shape[0]):
+            image_correct, image_total = expert_accuracy(
+                batch["experts"][index], batch["reference"][index, 0], inside[index, 0], batch["available"][index]
+            )
+            correct += image_correct.double().cpu()
+            total += image_total.double().cpu()
 
     x, y = torch.cat(margins), torch.cat(model_right)
     if x.numel() and 0 < float(y.mean()) < 1:
@@ -303,9 +312,8 @@ def train_correctness(
     used in turn (cross-fitting). The routing data must be cases the segmentor never trained on: on its own
     training patches the model is almost always right, so the heads would learn that.
     """
-    sources = _as_sources(model, routing)
+    sources = _prepare_sources(model, routing, device)
     fit_correctness_anchors(model, sources, settings, device)
-    model.to(device)
     model.correctness.train()
     optimizer = torch.optim.Adam(model.correctness.parameters(), lr=settings.learning_rate)
     mean_loss = float("nan")
@@ -372,12 +380,13 @@ def cross_fitted_sources(
     for fold in range(folds):
         held_out = [case for i, case in enumerate(train_cases) if i % folds == fold]
         rest = [case for i, case in enumerate(train_cases) if i % folds != fold]
-        torch.manual_seed(settings.seed + 1000 * (fold + 1))
+        fold_seed = settings.seed + 1000 * (fold + 1)
+        torch.manual_seed(fold_seed)
         segmentor = DeferredSegNet(network, num_experts=num_experts).to(device)
-        sampler = PatchSampler(rest, settings.patch_size, settings.seed + 1000 * (fold + 1))
+        sampler = PatchSampler(rest, settings.patch_size, fold_seed)
         train_epochs(segmentor, sampler, settings, weights, settings.epochs, device, bounds=bounds)
-        held_out_sampler = PatchSampler(held_out, settings.patch_size, settings.seed + 1000 * (fold + 1) + 1)
-        sources.append(RoutingSource(held_out_sampler, segmentor.eval()))
+        held_out_sampler = PatchSampler(held_out, settings.patch_size, fold_seed + 1)
+        sources.append(RoutingSource(held_out_sampler, segmentor))
         logger.info(
             "cross-fitting fold %d of %d: trained on %d cases, routing data from the other %d",
             fold + 1, folds, len(rest), len(held_out),

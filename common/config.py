@@ -37,8 +37,8 @@ class TrainSettings:
         router: ``"benefit"`` (per-agent correctness heads, scored by P(expert right) - P(model right)) or
             ``"softmax"`` (DeferredSeg's routing channels, scored by their probabilities). ``benefit`` is the
             default because, at the training defaults, it beat confidence deferral on both retina sites, and
-            it is far ahead of ``softmax`` in every measured setup (``docs/routing.md``). It needs a calibration split in a federation.
-            ``softmax`` reproduces DeferredSeg.
+            it is far ahead of ``softmax`` in every measured setup (``docs/routing.md``). It needs a
+            calibration split in a federation. ``softmax`` reproduces DeferredSeg.
         calibration_epochs: epochs of the benefit router's second stage on the calibration split.
     """
 

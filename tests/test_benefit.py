@@ -85,7 +85,8 @@ def test_fit_prices_correlated_experts():
     # go to one of them; lowering either price would take the pixel at 0.8 as well (3 > 2).
     benefits = torch.linspace(0.1, 1.0, 10).view(1, 1, 10)
     scores = torch.cat([benefits, benefits + 0.05, torch.zeros(1, 1, 10)])
-    prices = fit_prices([scores], [torch.ones(1, 10, dtype=torch.bool)], torch.tensor([0.2, 0.2]), [torch.tensor([True, True])])
+    roi = torch.ones(1, 10, dtype=torch.bool)
+    prices = fit_prices([scores], [roi], torch.tensor([0.2, 0.2]), [torch.tensor([True, True])])
     assert 0.8 <= float(prices[0]) <= 0.8 + 1e-3
     assert 0.85 <= float(prices[1]) <= 0.85 + 1e-3
     adjusted = scores.clone()

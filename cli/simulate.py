@@ -178,7 +178,9 @@ def _run_comparison(mode: str, federation: FederationConfig, run_dir: Path) -> i
 
     sites = [open_site(entry.site_dir, entry) for entry in federation.sites]
     settings = federation_settings(federation, sites[0].spec.in_channels)
-    train = replace(settings.train, epochs=federation.rounds * federation.local_epochs)
+    # Same epochs and routing data as the federation, whose correctness heads learn from the calibration
+    # split alone, so that the comparison measures federating and nothing else.
+    train = replace(settings.train, epochs=federation.rounds * federation.local_epochs, cross_fit_folds=0)
     print(f"Mode {mode}: {len(sites)} sites, {train.epochs} epochs; run folder {run_dir}")
 
     if mode == "pooled":

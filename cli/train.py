@@ -106,7 +106,14 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         "--calibration-epochs",
         type=int,
         default=TrainSettings.calibration_epochs,
-        help="epochs of the benefit router's correctness heads on the calibration split (default %(default)s)",
+        help="epochs of the benefit router's correctness heads on their routing data (default %(default)s)",
+    )
+    parser.add_argument(
+        "--cross-fit-folds",
+        type=int,
+        default=TrainSettings.cross_fit_folds,
+        help="folds of cross-fitting within the train split that add routing data for the benefit router, each "
+        "one extra training; 0 uses the calibration split alone (default %(default)s)",
     )
     parser.add_argument(
         "--load-balancing",
@@ -136,6 +143,7 @@ def run_train(args: argparse.Namespace) -> int:
         device=args.device,
         router=args.router,
         calibration_epochs=args.calibration_epochs,
+        cross_fit_folds=args.cross_fit_folds,
     )
     out_dir = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
     weights = LossWeights(load_balancing=args.load_balancing, load_balancing_floor=args.load_balancing_floor)
@@ -173,9 +181,9 @@ def train_sites(
     validation splits, and the epoch with the best mean validation system Dice is kept (model Dice with the
     benefit router, whose heads are trained only afterwards). Only that network is scored on the test splits.
 
-    With the benefit router, a second stage trains the correctness heads on the calibration splits with the
-    segmentor fixed. Where a site has no calibration split, the heads learn from cross-fitting within the
-    pooled train split instead (:func:`client.engine.cross_fitted_sources`), and the site result says so
+    With the benefit router, a second stage trains the correctness heads with the segmentor fixed, on the
+    routing data of :func:`_routing_sources`: the calibration splits and, with ``cross_fit_folds``, the
+    held-out folds of cross-fitting within the pooled train split. Each site result names its routing data
     under ``routing_data``. It then fits each site's capacity prices on its validation split, so that demand
     stays within capacity, and the test split is routed with those prices.
     """
@@ -186,6 +194,7 @@ def train_sites(
             "sites, so convert the images of the odd site"
         )
 
+    _check_routing_data(sites, settings)
     torch.manual_seed(settings.seed)
     device = select_device(settings.device)
     counts = [len(s.experts) for s in sites]
@@ -233,22 +242,9 @@ def train_sites(
     prices: list[list[float] | None] = [None] * len(sites)
     routing_note = ""
     if settings.router == "benefit":
-        without = [s.site_id for s in sites if not s.split("calibration")]
-        if without:
-            # Fallback for sites too small to spare calibration cases: cross-fitting within the train split.
-            logger.warning(
-                "sites %s have no calibration split, so the correctness heads learn from cross-fitting within "
-                "the train split (2 extra trainings). A calibration split in site.toml is the better choice.",
-                ", ".join(without),
-            )
-            routing: list[RoutingSource] | PatchSampler = cross_fitted_sources(
-                train_cases, network, sum(counts), settings, weights, device, bounds=bounds
-            )
-            routing_note = f"cross-fitted within the train split ({len(routing)} folds of {len(train_cases)} cases)"
-        else:
-            routing_data = pool_cases([routing_cases(s.split("calibration"), s.split("train")) for s in sites], counts)
-            routing = PatchSampler(routing_data, settings.patch_size, settings.seed + 1)
-            routing_note = f"calibration split ({len(routing_data)} cases)"
+        routing, routing_note = _routing_sources(
+            sites, model, train_cases, counts, network, settings, weights, device, bounds
+        )
         loss = train_correctness(model, routing, settings, settings.calibration_epochs, device)
         logger.info("correctness heads trained on the %s, loss %.4f", routing_note, loss)
         for index, (site, offset) in enumerate(zip(sites, offsets)):
@@ -285,3 +281,74 @@ def train_sites(
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _check_routing_data(sites: Sequence[SiteData], settings: TrainSettings) -> list[str]:
+    """Return the sites without a calibration split; raise if the benefit router would have no routing data."""
+    without = [s.site_id for s in sites if not s.split("calibration")]
+    if settings.router == "benefit" and without and settings.cross_fit_folds == 0:
+        raise ValueError(
+            f"sites {', '.join(without)} have no calibration split and cross-fit-folds is 0, so the benefit "
+            "router has no routing data; add calibration cases to site.toml or set cross-fit-folds to 2"
+        )
+    train_count = sum(len(s.split("train")) for s in sites)
+    if settings.router == "benefit" and len(without) == len(sites) and train_count < settings.cross_fit_folds:
+        raise ValueError(
+            f"no site has a calibration split, and {train_count} training cases are too few for "
+            f"{settings.cross_fit_folds} cross-fitting folds; add calibration cases to site.toml"
+        )
+    return without
+
+
+def _routing_sources(
+    sites: Sequence[SiteData],
+    model: DeferredSegNet,
+    train_cases: list,
+    counts: list[int],
+    network: NetworkConfig,
+    settings: TrainSettings,
+    weights: LossWeights,
+    device: torch.device,
+    bounds: Bounds | None,
+) -> tuple[list[RoutingSource], str]:
+    """Return the benefit router's routing data and a note that names it for the site results.
+
+    The routing data are the pooled calibration splits, paired with ``model``, and, when
+    ``settings.cross_fit_folds`` is at least 2, the held-out folds of cross-fitting within the pooled train
+    split (:func:`client.engine.cross_fitted_sources`), each paired with its fold network. Neither ever holds a
+    validation or test case. With too few training cases for the folds, the calibration split serves alone.
+
+    Raises:
+        ValueError: when a site has no calibration split and ``cross_fit_folds`` is 0, or when no site has a
+            calibration split and there are too few training cases to cross-fit.
+    """
+    folds = settings.cross_fit_folds
+    without = _check_routing_data(sites, settings)
+    sources: list[RoutingSource] = []
+    notes: list[str] = []
+    if len(without) < len(sites):
+        calibration = pool_cases(
+            [routing_cases(s.split("calibration"), s.split("train")) if s.split("calibration") else [] for s in sites],
+            counts,
+        )
+        sources.append(RoutingSource(PatchSampler(calibration, settings.patch_size, settings.seed + 1), model))
+        notes.append(f"calibration split ({len(calibration)} cases)")
+    if without:
+        # Fallback for sites too small to spare calibration cases.
+        logger.warning(
+            "sites %s have no calibration split, so their routing data comes from cross-fitting within the train "
+            "split alone. A calibration split in site.toml is the better choice.",
+            ", ".join(without),
+        )
+    if folds >= 2 and (without or len(train_cases) >= folds):
+        sources += cross_fitted_sources(
+            train_cases, network, sum(counts), settings, weights, device, bounds=bounds, folds=folds
+        )
+        notes.append(f"cross-fitted within the train split ({folds} folds of {len(train_cases)} cases)")
+    elif folds >= 2:
+        logger.warning(
+            "%d training cases are too few for %d cross-fitting folds; the correctness heads learn from the "
+            "calibration split alone",
+            len(train_cases), folds,
+        )
+    return sources, " and ".join(notes)

@@ -336,11 +336,11 @@ def train_correctness(
 
 
 def routing_cases(calibration: Sequence[Case], train: Sequence[Case]) -> list[Case]:
-    """Return the routing data of the benefit router: the calibration split, never validation or test.
+    """Return the calibration routing data of the benefit router: the calibration split, never validation or test.
 
     Raises:
-        ValueError: when the site has no calibration split. ``deferredseg train`` then cross-fits within the
-            training split instead (:func:`cross_fitted_sources`); the federation does not.
+        ValueError: when the site has no calibration split. ``deferredseg train`` then learns from
+            cross-fitting within the training split alone (:func:`cross_fitted_sources`); the federation cannot.
     """
     if not calibration:
         raise ValueError(
@@ -360,13 +360,15 @@ def cross_fitted_sources(
     bounds: Bounds | None = None,
     folds: int = 2,
 ) -> list[RoutingSource]:
-    """Build routing data by cross-fitting within the training split, for sites with no calibration split.
+    """Build routing data by cross-fitting within the training split.
 
-    The training cases are dealt in turn into ``folds`` folds. For each fold a fresh network trains for
-    ``settings.epochs`` epochs on the other folds, and the heads later learn from its errors on the fold it
-    left out. This costs ``folds`` extra trainings. The fold networks see less data than the final one, so
-    they err somewhat more often than it does, and a calibration split is the better choice where a site can
-    spare a few cases.
+    ``deferredseg train`` adds these sources to the calibration split, whose few cases alone let the heads
+    overfit, and uses them alone at sites with no calibration split. The training cases are dealt in turn into
+    ``folds`` folds. For each fold a fresh network trains for ``settings.epochs`` epochs on the other folds,
+    and the heads later learn from its errors on the fold it left out. This costs ``folds`` extra trainings.
+    The fold networks see less data than the final one, so they err somewhat more often than it does, which
+    is why the calibration split, where the final network itself errs, stays in the routing data. Cases of
+    one patient (two eyes, say) may land in different folds, so a fold network can have seen the patient.
 
     Raises:
         ValueError: when there are fewer training cases than folds.

@@ -39,7 +39,13 @@ class TrainSettings:
             default because, at the training defaults, it beat confidence deferral on both retina sites, and
             it is far ahead of ``softmax`` in every measured setup (``docs/routing.md``). It needs a
             calibration split in a federation. ``softmax`` reproduces DeferredSeg.
-        calibration_epochs: epochs of the benefit router's second stage on the calibration split.
+        calibration_epochs: epochs of the benefit router's second stage, on its routing data.
+        cross_fit_folds: ``deferredseg train`` only: folds of cross-fitting within the train split whose
+            held-out predictions join the calibration split as routing data for the benefit router's heads.
+            Each fold costs one extra training. 0 uses the calibration split alone. More routing data keeps the
+            heads from fitting the few calibration cases: on CHASE_DB1, whose calibration split is one child,
+            the heads trained on it alone lost to confidence deferral (``docs/routing.md``). A federation
+            uses the calibration split alone, because the fold networks would have to retrain every round.
     """
 
     epochs: int = 20
@@ -53,6 +59,7 @@ class TrainSettings:
     device: str = "auto"
     router: str = "benefit"
     calibration_epochs: int = 5
+    cross_fit_folds: int = 2
 
     def __post_init__(self) -> None:
         for name in ("epochs", "steps_per_epoch", "batch_size", "patch_size", "inference_window"):
@@ -64,6 +71,10 @@ class TrainSettings:
             raise ValueError(f"router must be softmax or benefit, got {self.router!r}")
         if self.calibration_epochs < 0:
             raise ValueError(f"calibration-epochs must be >= 0, got {self.calibration_epochs}")
+        if self.cross_fit_folds < 0 or self.cross_fit_folds == 1:
+            raise ValueError(
+                f"cross-fit-folds must be 0 (calibration split alone) or at least 2, got {self.cross_fit_folds}"
+            )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

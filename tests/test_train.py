@@ -3,6 +3,8 @@
 import json
 import tomllib
 
+import pytest
+
 from cli.main import main
 
 
@@ -54,6 +56,8 @@ def test_benefit_router_uses_calibration_and_fits_prices(tmp_path, tiny_sites, m
     from common.losses import LossWeights
     from common.model import DeferredSegNet, NetworkConfig
 
+    import client.engine
+
     seen = []
     real_routing_cases = cli.train.routing_cases
 
@@ -62,7 +66,17 @@ def test_benefit_router_uses_calibration_and_fits_prices(tmp_path, tiny_sites, m
         seen.extend(case.case_id for case in cases)
         return cases
 
+    # Every sampler of the run: the training one, the cross-fitting ones and the routing ones.
+    sampled = []
+    real_sampler = client.engine.PatchSampler
+
+    def sampler_spy(cases, patch_size, seed):
+        sampled.append([case.case_id for case in cases])
+        return real_sampler(cases, patch_size, seed)
+
     monkeypatch.setattr(cli.train, "routing_cases", spy)
+    monkeypatch.setattr(cli.train, "PatchSampler", sampler_spy)
+    monkeypatch.setattr(client.engine, "PatchSampler", sampler_spy)
     site = open_site(tiny_sites[0])
     settings = TrainSettings(
         epochs=1, steps_per_epoch=3, batch_size=2, patch_size=32, router="benefit", calibration_epochs=1
@@ -70,9 +84,18 @@ def test_benefit_router_uses_calibration_and_fits_prices(tmp_path, tiny_sites, m
     network = NetworkConfig(in_channels=1, channels=(8, 16), features=8)
     summary = cli.train.train_sites([site], tmp_path / "run", settings, network, LossWeights(), progress=False)
 
-    # The routing data is the calibration split: never a validation or test case.
-    assert sorted(seen) == sorted(site.spec.splits["calibration"])
-    assert not set(seen) & (set(site.spec.splits["test"]) | set(site.spec.splits["validation"]))
+    # The routing data is the calibration split plus the held-out folds of the train split: never a
+    # validation or test case.
+    splits = site.spec.splits
+    assert sorted(seen) == sorted(splits["calibration"])
+    evens, odds = splits["train"][0::2], splits["train"][1::2]
+    assert sampled == [list(splits["train"]), list(splits["calibration"]), odds, evens, evens, odds]
+    used = {case_id for cases in sampled for case_id in cases}
+    assert used == set(splits["train"]) | set(splits["calibration"])
+    assert not used & (set(splits["test"]) | set(splits["validation"]))
+    note = summary["sites"]["site-1"]["routing_data"]
+    assert note == f"calibration split ({len(splits['calibration'])} cases) and cross-fitted within the train " \
+        f"split (2 folds of {len(splits['train'])} cases)"
 
     # The fitted prices keep each expert's mean validation demand within capacity.
     result = summary["sites"]["site-1"]
@@ -147,3 +170,91 @@ def test_benefit_cross_fits_without_calibration(tmp_path, tiny_sites, monkeypatc
     assert held_out == set(train_ids)
     assert not held_out & (set(site.spec.splits["test"]) | set(site.spec.splits["validation"]))
     assert summary["sites"]["site-1"]["routing_data"].startswith("cross-fitted within the train split")
+
+
+def test_calibration_alone_trains_no_folds(tmp_path, tiny_sites, monkeypatch):
+    import cli.train
+    from client.sitedata import open_site
+    from common.config import TrainSettings
+    from common.losses import LossWeights
+    from common.model import NetworkConfig
+
+    def no_folds(*args, **kwargs):
+        raise AssertionError("cross-fit-folds 0 must not train fold networks")
+
+    monkeypatch.setattr(cli.train, "cross_fitted_sources", no_folds)
+    site = open_site(tiny_sites[0])
+    settings = TrainSettings(
+        epochs=1, steps_per_epoch=2, batch_size=2, patch_size=32, router="benefit", calibration_epochs=1,
+        cross_fit_folds=0,
+    )
+    network = NetworkConfig(in_channels=1, channels=(8, 16), features=8)
+    summary = cli.train.train_sites([site], tmp_path / "run", settings, network, LossWeights(), progress=False)
+    assert summary["sites"]["site-1"]["routing_data"] == (
+        f"calibration split ({len(site.spec.splits['calibration'])} cases)"
+    )
+
+
+def test_no_routing_data_names_fix(tmp_path, tiny_sites, monkeypatch):
+    import tomli_w
+
+    import cli.train
+    from cli.train import train_sites
+    from client.sitedata import open_site
+    from common.config import TrainSettings
+    from common.losses import LossWeights
+    from common.model import NetworkConfig
+
+    toml_path = tiny_sites[0] / "site.toml"
+    raw = tomllib.loads(toml_path.read_text())
+    raw["splits"]["train"] += raw["splits"].pop("calibration")
+    toml_path.write_text(tomli_w.dumps(raw))
+    settings = TrainSettings(epochs=1, steps_per_epoch=1, batch_size=2, patch_size=32, cross_fit_folds=0)
+    network = NetworkConfig(in_channels=1, channels=(8, 16), features=8)
+    trained = []
+    monkeypatch.setattr(cli.train, "train_epochs", lambda *args, **kwargs: trained.append(1))
+    with pytest.raises(ValueError, match="site-1 have no calibration split and cross-fit-folds is 0"):
+        train_sites([open_site(tiny_sites[0])], tmp_path / "run", settings, network, LossWeights(), progress=False)
+    # The check comes before training, so no training time is lost.
+    assert trained == []
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("folds", [-1, 1])
+def test_cross_fit_folds_rejects_one(folds):
+    from common.config import TrainSettings
+
+    with pytest.raises(ValueError, match=f"cross-fit-folds must be 0 .* or at least 2, got {folds}"):
+        TrainSettings(cross_fit_folds=folds)
+
+
+def test_train_cli_passes_cross_fit_folds(tmp_path, tiny_sites):
+    out = tmp_path / "run"
+    status = main(
+        [
+            "train", "--site", str(tiny_sites[0]), "--out", str(out), "--epochs", "1", "--steps-per-epoch", "1",
+            "--batch-size", "2", "--patch-size", "32", "--cross-fit-folds", "0", "--no-progress",
+        ]
+    )
+    assert status == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["train"]["cross_fit_folds"] == 0
+    assert summary["sites"]["site-1"]["routing_data"].startswith("calibration split")
+
+
+def test_local_mode_skips_cross_fitting(tmp_path, tiny_sites):
+    import tomli_w
+
+    # The federation's heads learn from the calibration split alone, so the local comparison must too.
+    federation = tmp_path / "federation.toml"
+    raw = {
+        "rounds": 1, "local-epochs": 1, "steps-per-epoch": 1, "batch-size": 2, "patch-size": 32,
+        "inference-window": 32, "channels": [8, 16], "features": 8,
+        "sites": [{"dir": str(tiny_sites[0])}],
+    }
+    federation.write_text(tomli_w.dumps(raw))
+    out = tmp_path / "local"
+    assert main(["simulate", "--federation", str(federation), "--mode", "local", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sites"]["site-1"]["routing_data"].startswith("calibration split (")
+    assert "cross-fitted" not in summary["sites"]["site-1"]["routing_data"]

@@ -50,8 +50,8 @@ def run_check(args: argparse.Namespace) -> int:
     if not spec.splits["calibration"]:
         print(
             "note: the calibration split is empty. The benefit router (the default) learns from it: "
-            "`deferredseg train` falls back to cross-fitting, and a federation rejects the site. Move a few "
-            "training cases with expert masks to calibration, or set router = \"softmax\"."
+            "`deferredseg train` then learns from cross-fitting folds alone, and a federation rejects the site. "
+            "Move a few training cases with expert masks to calibration, or set router = \"softmax\"."
         )
     return 0
 

@@ -309,7 +309,7 @@ def train_correctness(
 
     Returns the last epoch's mean loss (NaN when ``epochs`` is 0). ``routing`` is a sampler of the
     calibration split, whose patches pair with ``model``'s own logits, or a list of :class:`RoutingSource`
-    used in turn (cross-fitting). The routing data must be cases the segmentor never trained on: on its own
+    used in turn (the calibration split and cross-fitting folds). The routing data must be cases the segmentor never trained on: on its own
     training patches the model is almost always right, so the heads would learn that.
     """
     sources = _prepare_sources(model, routing, device)

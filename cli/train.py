@@ -332,7 +332,7 @@ def _routing_sources(
             counts,
         )
         sources.append(RoutingSource(PatchSampler(calibration, settings.patch_size, settings.seed + 1), model))
-        notes.append(f"calibration split ({len(calibration)} cases)")
+        notes.append(f"calibration split ({_cases(len(calibration))})")
     if without:
         # Fallback for sites too small to spare calibration cases.
         logger.warning(
@@ -344,7 +344,7 @@ def _routing_sources(
         sources += cross_fitted_sources(
             train_cases, network, sum(counts), settings, weights, device, bounds=bounds, folds=folds
         )
-        notes.append(f"cross-fitted within the train split ({folds} folds of {len(train_cases)} cases)")
+        notes.append(f"cross-fitted within the train split ({folds} folds of {_cases(len(train_cases))})")
     elif folds >= 2:
         logger.warning(
             "%d training cases are too few for %d cross-fitting folds; the correctness heads learn from the "
@@ -352,3 +352,8 @@ def _routing_sources(
             len(train_cases), folds,
         )
     return sources, " and ".join(notes)
+
+
+def _cases(count: int) -> str:
+    """Return ``"1 case"`` or ``"N cases"``."""
+    return f"{count} case" if count == 1 else f"{count} cases"

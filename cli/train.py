@@ -292,10 +292,10 @@ def _check_routing_data(sites: Sequence[SiteData], settings: TrainSettings) -> l
             "router has no routing data; add calibration cases to site.toml or set cross-fit-folds to 2"
         )
     train_count = sum(len(s.split("train")) for s in sites)
-    if settings.router == "benefit" and len(without) == len(sites) and train_count < settings.cross_fit_folds:
+    if settings.router == "benefit" and without and train_count < settings.cross_fit_folds:
         raise ValueError(
-            f"no site has a calibration split, and {train_count} training cases are too few for "
-            f"{settings.cross_fit_folds} cross-fitting folds; add calibration cases to site.toml"
+            f"sites {', '.join(without)} have no calibration split, and {train_count} training cases are too few "
+            f"for {settings.cross_fit_folds} cross-fitting folds; add calibration cases to site.toml"
         )
     return without
 
@@ -315,12 +315,13 @@ def _routing_sources(
 
     The routing data are the pooled calibration splits, paired with ``model``, and, when
     ``settings.cross_fit_folds`` is at least 2, the held-out folds of cross-fitting within the pooled train
-    split (:func:`client.engine.cross_fitted_sources`), each paired with its fold network. Neither ever holds a
-    validation or test case. With too few training cases for the folds, the calibration split serves alone.
+    split (:func:`client.engine.cross_fitted_sources`), each paired with its fold network. Neither ever
+    contains a validation or test case. Where every site has a calibration split but the training cases are
+    too few for the folds, the calibration split serves alone.
 
     Raises:
-        ValueError: when a site has no calibration split and ``cross_fit_folds`` is 0, or when no site has a
-            calibration split and there are too few training cases to cross-fit.
+        ValueError: when a site has no calibration split and ``cross_fit_folds`` is 0 or the training cases
+            are too few to cross-fit.
     """
     folds = settings.cross_fit_folds
     without = _check_routing_data(sites, settings)

@@ -258,3 +258,24 @@ def test_local_mode_skips_cross_fitting(tmp_path, tiny_sites):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sites"]["site-1"]["routing_data"].startswith("calibration split (")
     assert "cross-fitted" not in summary["sites"]["site-1"]["routing_data"]
+
+
+def test_too_few_cases_to_cross_fit(tmp_path, tiny_sites):
+    import tomli_w
+
+    from cli.train import train_sites
+    from client.sitedata import open_site
+    from common.config import TrainSettings
+    from common.losses import LossWeights
+    from common.model import NetworkConfig
+
+    # 4 training cases and no calibration split: 5 folds cannot be dealt, so training never starts.
+    toml_path = tiny_sites[0] / "site.toml"
+    raw = tomllib.loads(toml_path.read_text())
+    raw["splits"]["test"] += raw["splits"].pop("calibration")
+    toml_path.write_text(tomli_w.dumps(raw))
+    settings = TrainSettings(epochs=1, steps_per_epoch=1, batch_size=2, patch_size=32, cross_fit_folds=5)
+    network = NetworkConfig(in_channels=1, channels=(8, 16), features=8)
+    with pytest.raises(ValueError, match="4 training cases are too few for 5 cross-fitting folds"):
+        train_sites([open_site(tiny_sites[0])], tmp_path / "run", settings, network, LossWeights(), progress=False)
+    assert not (tmp_path / "run").exists()

@@ -194,7 +194,7 @@ def train_sites(
             "sites, so convert the images of the odd site"
         )
 
-    _check_routing_data(sites, settings)
+    without_calibration = _check_routing_data(sites, settings)
     torch.manual_seed(settings.seed)
     device = select_device(settings.device)
     counts = [len(s.experts) for s in sites]
@@ -243,7 +243,7 @@ def train_sites(
     routing_note = ""
     if settings.router == "benefit":
         routing, routing_note = _routing_sources(
-            sites, model, train_cases, counts, network, settings, weights, device, bounds
+            sites, without_calibration, model, train_cases, counts, network, settings, weights, device, bounds
         )
         loss = train_correctness(model, routing, settings, settings.calibration_epochs, device)
         logger.info("correctness heads trained on the %s, loss %.4f", routing_note, loss)
@@ -284,24 +284,27 @@ def train_sites(
 
 
 def _check_routing_data(sites: Sequence[SiteData], settings: TrainSettings) -> list[str]:
-    """Return the sites without a calibration split; raise if the benefit router would have no routing data."""
+    """Return the ids of sites with no calibration split. Raise if the benefit router would have no routing data."""
     without = [s.site_id for s in sites if not s.split("calibration")]
-    if settings.router == "benefit" and without and settings.cross_fit_folds == 0:
+    if settings.router != "benefit" or not without:
+        return without
+    if settings.cross_fit_folds == 0:
         raise ValueError(
             f"sites {', '.join(without)} have no calibration split and cross-fit-folds is 0, so the benefit "
-            "router has no routing data; add calibration cases to site.toml or set cross-fit-folds to 2"
+            "router has no routing data. Add calibration cases to site.toml or set cross-fit-folds to 2"
         )
     train_count = sum(len(s.split("train")) for s in sites)
-    if settings.router == "benefit" and without and train_count < settings.cross_fit_folds:
+    if train_count < settings.cross_fit_folds:
         raise ValueError(
             f"sites {', '.join(without)} have no calibration split, and {train_count} training cases are too few "
-            f"for {settings.cross_fit_folds} cross-fitting folds; add calibration cases to site.toml"
+            f"for {settings.cross_fit_folds} cross-fitting folds. Add calibration cases to site.toml"
         )
     return without
 
 
 def _routing_sources(
     sites: Sequence[SiteData],
+    without: list[str],
     model: DeferredSegNet,
     train_cases: list,
     counts: list[int],
@@ -319,19 +322,18 @@ def _routing_sources(
     contains a validation or test case. Where every site has a calibration split but the training cases are
     too few for the folds, the calibration split serves alone.
 
-    Raises:
-        ValueError: when a site has no calibration split and ``cross_fit_folds`` is 0 or the training cases
-            are too few to cross-fit.
+    ``without`` lists the sites with no calibration split, as :func:`_check_routing_data` returned them
+    before training; that check guarantees routing data for those sites.
     """
     folds = settings.cross_fit_folds
-    without = _check_routing_data(sites, settings)
     sources: list[RoutingSource] = []
     notes: list[str] = []
     if len(without) < len(sites):
-        calibration = pool_cases(
-            [routing_cases(s.split("calibration"), s.split("train")) if s.split("calibration") else [] for s in sites],
-            counts,
-        )
+        # Sites without a calibration split add no cases but keep their expert channels in the pooled axis.
+        calibration_splits = [
+            [] if s.site_id in without else routing_cases(s.split("calibration"), s.split("train")) for s in sites
+        ]
+        calibration = pool_cases(calibration_splits, counts)
         sources.append(RoutingSource(PatchSampler(calibration, settings.patch_size, settings.seed + 1), model))
         notes.append(f"calibration split ({_cases(len(calibration))})")
     if without:
@@ -348,7 +350,7 @@ def _routing_sources(
         notes.append(f"cross-fitted within the train split ({folds} folds of {_cases(len(train_cases))})")
     elif folds >= 2:
         logger.warning(
-            "%d training cases are too few for %d cross-fitting folds; the correctness heads learn from the "
+            "%d training cases are too few for %d cross-fitting folds, so the correctness heads learn from the "
             "calibration split alone",
             len(train_cases), folds,
         )

@@ -4,8 +4,28 @@ import json
 import tomllib
 
 import pytest
+import tomli_w
 
 from cli.main import main
+
+
+def _move_calibration(site_dir, split):
+    """Move the calibration cases of the site at ``site_dir`` into ``split``, leaving it with none."""
+    toml_path = site_dir / "site.toml"
+    raw = tomllib.loads(toml_path.read_text())
+    raw["splits"][split] += raw["splits"].pop("calibration")
+    toml_path.write_text(tomli_w.dumps(raw))
+
+
+def _train_cli(site_dir, out, *options):
+    """Run `deferredseg train` for one epoch of 32-pixel patches on ``site_dir`` and return status and summary."""
+    status = main(
+        [
+            "train", "--site", str(site_dir), "--out", str(out), "--epochs", "1", "--batch-size", "2",
+            "--patch-size", "32", "--no-progress", *options,
+        ]
+    )
+    return status, json.loads((out / "summary.json").read_text())
 
 
 def test_train_smoke_writes_summary(tmp_path, tiny_sites):
@@ -119,22 +139,14 @@ def test_benefit_router_uses_calibration_and_fits_prices(tmp_path, tiny_sites, m
 
 def test_train_with_load_balancing_on(tmp_path, tiny_sites):
     out = tmp_path / "balanced"
-    status = main(
-        [
-            "train", "--site", str(tiny_sites[0]), "--out", str(out), "--epochs", "1", "--steps-per-epoch", "2",
-            "--batch-size", "2", "--patch-size", "32", "--load-balancing", "1.0", "--no-progress",
-        ]
-    )
+    status, summary = _train_cli(tiny_sites[0], out, "--steps-per-epoch", "2", "--load-balancing", "1.0")
     assert status == 0
-    summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["loss"]["load_balancing"] == 1.0
     for expert in summary["sites"]["site-1"]["experts"].values():
         assert expert["load"] <= expert["capacity"] + 1e-12
 
 
 def test_benefit_cross_fits_without_calibration(tmp_path, tiny_sites, monkeypatch):
-    import tomli_w
-
     import cli.train
     import client.engine
     from client.sitedata import open_site
@@ -143,10 +155,7 @@ def test_benefit_cross_fits_without_calibration(tmp_path, tiny_sites, monkeypatc
     from common.model import NetworkConfig
 
     # Move the calibration cases into train: the site now has none to spare.
-    toml_path = tiny_sites[0] / "site.toml"
-    raw = tomllib.loads(toml_path.read_text())
-    raw["splits"]["train"] += raw["splits"].pop("calibration")
-    toml_path.write_text(tomli_w.dumps(raw))
+    _move_calibration(tiny_sites[0], "train")
     site = open_site(tiny_sites[0])
     train_ids = list(site.spec.splits["train"])
 
@@ -196,8 +205,6 @@ def test_calibration_alone_trains_no_folds(tmp_path, tiny_sites, monkeypatch):
 
 
 def test_no_routing_data_names_fix(tmp_path, tiny_sites, monkeypatch):
-    import tomli_w
-
     import cli.train
     from cli.train import train_sites
     from client.sitedata import open_site
@@ -205,10 +212,7 @@ def test_no_routing_data_names_fix(tmp_path, tiny_sites, monkeypatch):
     from common.losses import LossWeights
     from common.model import NetworkConfig
 
-    toml_path = tiny_sites[0] / "site.toml"
-    raw = tomllib.loads(toml_path.read_text())
-    raw["splits"]["train"] += raw["splits"].pop("calibration")
-    toml_path.write_text(tomli_w.dumps(raw))
+    _move_calibration(tiny_sites[0], "train")
     settings = TrainSettings(epochs=1, steps_per_epoch=1, batch_size=2, patch_size=32, cross_fit_folds=0)
     network = NetworkConfig(in_channels=1, channels=(8, 16), features=8)
     trained = []
@@ -221,7 +225,7 @@ def test_no_routing_data_names_fix(tmp_path, tiny_sites, monkeypatch):
 
 
 @pytest.mark.parametrize("folds", [-1, 1])
-def test_cross_fit_folds_rejects_one(folds):
+def test_cross_fit_folds_rejects_invalid(folds):
     from common.config import TrainSettings
 
     with pytest.raises(ValueError, match=f"cross-fit-folds must be 0 .* or at least 2, got {folds}"):
@@ -229,22 +233,13 @@ def test_cross_fit_folds_rejects_one(folds):
 
 
 def test_train_cli_passes_cross_fit_folds(tmp_path, tiny_sites):
-    out = tmp_path / "run"
-    status = main(
-        [
-            "train", "--site", str(tiny_sites[0]), "--out", str(out), "--epochs", "1", "--steps-per-epoch", "1",
-            "--batch-size", "2", "--patch-size", "32", "--cross-fit-folds", "0", "--no-progress",
-        ]
-    )
+    status, summary = _train_cli(tiny_sites[0], tmp_path / "run", "--steps-per-epoch", "1", "--cross-fit-folds", "0")
     assert status == 0
-    summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["train"]["cross_fit_folds"] == 0
     assert summary["sites"]["site-1"]["routing_data"].startswith("calibration split")
 
 
 def test_local_mode_skips_cross_fitting(tmp_path, tiny_sites):
-    import tomli_w
-
     # The federation's heads learn from the calibration split alone, so the local comparison must too.
     federation = tmp_path / "federation.toml"
     raw = {
@@ -261,8 +256,6 @@ def test_local_mode_skips_cross_fitting(tmp_path, tiny_sites):
 
 
 def test_too_few_cases_to_cross_fit(tmp_path, tiny_sites):
-    import tomli_w
-
     from cli.train import train_sites
     from client.sitedata import open_site
     from common.config import TrainSettings
@@ -270,10 +263,7 @@ def test_too_few_cases_to_cross_fit(tmp_path, tiny_sites):
     from common.model import NetworkConfig
 
     # 4 training cases and no calibration split: 5 folds cannot be dealt, so training never starts.
-    toml_path = tiny_sites[0] / "site.toml"
-    raw = tomllib.loads(toml_path.read_text())
-    raw["splits"]["test"] += raw["splits"].pop("calibration")
-    toml_path.write_text(tomli_w.dumps(raw))
+    _move_calibration(tiny_sites[0], "test")
     settings = TrainSettings(epochs=1, steps_per_epoch=1, batch_size=2, patch_size=32, cross_fit_folds=5)
     network = NetworkConfig(in_channels=1, channels=(8, 16), features=8)
     with pytest.raises(ValueError, match="4 training cases are too few for 5 cross-fitting folds"):
